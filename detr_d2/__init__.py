@@ -1,0 +1,8 @@
+"""DETR as a detectron2 plugin. ``import detr_d2`` registers everything it provides."""
+from detr_d2 import compat
+
+compat.apply()
+
+from detr_d2.config import add_detr_config  # noqa: E402  (needs compat applied first)
+
+__all__ = ["add_detr_config"]

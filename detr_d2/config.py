@@ -1,0 +1,56 @@
+"""detr_d2's config keys, added to a detectron2 CfgNode by ``add_detr_config``.
+
+Key names follow the original DETR detectron2 wrapper (``MODEL.DETR.*``,
+``SOLVER.OPTIMIZER``, ``SOLVER.BACKBONE_MULTIPLIER``) so its configs load unchanged;
+the keys it did not have sit beside them.
+"""
+from detectron2.config import CfgNode as CN
+
+
+def _add_model_keys(cfg):
+    cfg.MODEL.DETR = CN()
+    cfg.MODEL.DETR.NUM_CLASSES = 80
+    cfg.MODEL.DETR.HIDDEN_DIM = 256
+    cfg.MODEL.DETR.NHEADS = 8
+    cfg.MODEL.DETR.DROPOUT = 0.1
+    cfg.MODEL.DETR.DIM_FEEDFORWARD = 2048
+    cfg.MODEL.DETR.ENC_LAYERS = 6
+    cfg.MODEL.DETR.DEC_LAYERS = 6
+    cfg.MODEL.DETR.PRE_NORM = False
+    cfg.MODEL.DETR.NUM_OBJECT_QUERIES = 100
+    # "sine" (normalised, as the reference) or "learned".
+    cfg.MODEL.DETR.POSITION_EMBEDDING = "sine"
+    # Which backbone output feeds the transformer.
+    cfg.MODEL.DETR.IN_FEATURE = "res5"
+    # Loss weights (the same numbers are the matcher costs unless COST_* say otherwise).
+    cfg.MODEL.DETR.CLASS_WEIGHT = 1.0
+    cfg.MODEL.DETR.L1_WEIGHT = 5.0
+    cfg.MODEL.DETR.GIOU_WEIGHT = 2.0
+    cfg.MODEL.DETR.COST_CLASS = 1.0
+    cfg.MODEL.DETR.COST_BBOX = 5.0
+    cfg.MODEL.DETR.COST_GIOU = 2.0
+    cfg.MODEL.DETR.DEEP_SUPERVISION = True
+    cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
+    cfg.MODEL.DETR.FROZEN_WEIGHTS = ""
+
+
+def _add_solver_keys(cfg):
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+
+
+def _add_input_keys(cfg):
+    # With probability CROP.PROBABILITY (and CROP.ENABLED), before the multi-scale resize:
+    # resize the shortest edge to one of CROP.PRE_RESIZE_SIZES, then crop a random
+    # rectangle whose sides are drawn from CROP.SIZE (absolute pixels, CROP.TYPE
+    # "absolute_range").
+    cfg.INPUT.CROP.PRE_RESIZE_SIZES = (400, 500, 600)
+    cfg.INPUT.CROP.PROBABILITY = 0.5
+
+
+def add_detr_config(cfg):
+    """Add every detr_d2 key, with the reference DETR's values, to ``cfg`` in place."""
+    _add_model_keys(cfg)
+    _add_solver_keys(cfg)
+    _add_input_keys(cfg)
+    return cfg

@@ -1,0 +1,27 @@
+"""detr_d2: DETR as a detectron2 plugin.
+
+detectron2 itself is not a dependency here because PyPI has no package of that name:
+``make install`` (scripts/install_detectron2.py) provides it.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="detr_d2",
+    version="0.1.0",
+    description="DETR (DEtection TRansformer) as a detectron2 plugin",
+    packages=find_packages(include=("detr_d2", "detr_d2.*")),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=1.10",
+        "torchvision",
+        "scipy",                   # Hungarian matching (linear_sum_assignment)
+        "opencv-python-headless",  # video input of tools/demo.py, image drawing
+        "pycocotools",             # COCO json and COCOeval
+        "fvcore",                  # FLOP counting, checkpoint helpers
+        "iopath",                  # file access as detectron2 does it
+        "matplotlib",              # tools/plot_logs.py, Visualizer back end
+        "tqdm",                    # progress bars
+        "psutil",                  # resident-memory readings in tools/benchmark.py
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+)
