@@ -1,0 +1,61 @@
+"""Safe reading and atomic writing of checkpoint files.
+
+``torch.load`` of an arbitrary pickle can run code. Checkpoints are read with
+``weights_only=True`` (tensors, plain containers and numbers), plus
+``argparse.Namespace``, which the reference DETR's training script stores under "args".
+Anything else is refused unless the caller explicitly trusts the file.
+"""
+import argparse
+import os
+import pickle
+import tempfile
+
+import torch
+
+SAFE_EXTRA_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the fix."""
+
+
+def load_checkpoint_file(path, trust_pickle=False):
+    """Read a torch checkpoint on the CPU; tensors and plain data only unless ``trust_pickle``."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the file is truncated; "
+                              "use an earlier checkpoint or download/convert it again")
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_EXTRA_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain data, which could run "
+            f"code when loaded ({str(error).splitlines()[0]}). It was not loaded. If you trust "
+            "its source, allow full unpickling explicitly (--trust-pickle)."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"checkpoint {path} is not a readable torch checkpoint "
+                              f"(truncated or corrupt?): {error}") from None
+
+
+def atomic_torch_save(obj, path):
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash mid-write leaves the previous ``path`` (if any) untouched.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(obj, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise

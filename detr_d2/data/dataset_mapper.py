@@ -1,0 +1,147 @@
+"""``DetrDatasetMapper``: reference DETR's data augmentation on detectron2 dataset dicts.
+
+Training augmentation (as the reference DETR): random flip; then, with probability
+``INPUT.CROP.PROBABILITY`` (when ``INPUT.CROP.ENABLED``), resize the shortest edge to one
+of ``INPUT.CROP.PRE_RESIZE_SIZES`` (no longest-edge limit) and take a random crop
+(``INPUT.CROP.TYPE`` / ``INPUT.CROP.SIZE``); then resize the shortest edge to one of
+``INPUT.MIN_SIZE_TRAIN``, the longest edge at most ``INPUT.MAX_SIZE_TRAIN``.
+Test: resize the shortest edge to ``INPUT.MIN_SIZE_TEST``, longest at most
+``INPUT.MAX_SIZE_TEST``.
+"""
+import copy
+import logging
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from detr_d2.data.transforms import RandomApplyList
+
+__all__ = ["DetrDatasetMapper", "build_detr_augmentation"]
+
+
+def _build_flip(cfg):
+    """The flip of ``INPUT.RANDOM_FLIP`` ("horizontal", "vertical"), p=0.5; None for "none"."""
+    if cfg.INPUT.RANDOM_FLIP == "none":
+        return None
+    return T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                        vertical=cfg.INPUT.RANDOM_FLIP == "vertical")
+
+
+def _build_random_crop(cfg):
+    """With ``CROP.PROBABILITY``: resize shortest edge to one of ``PRE_RESIZE_SIZES``, crop."""
+    crop = cfg.INPUT.CROP
+    return RandomApplyList(
+        [T.ResizeShortestEdge(crop.PRE_RESIZE_SIZES, sample_style="choice"),
+         T.RandomCrop(crop.TYPE, crop.SIZE)],
+        prob=crop.PROBABILITY,
+    )
+
+
+def build_detr_augmentation(cfg, is_train):
+    """The list of detectron2 augmentations ``DetrDatasetMapper`` applies, from ``cfg.INPUT``.
+
+    Returns:
+        list[Augmentation]: train: [flip (unless RANDOM_FLIP "none"), random pre-resize +
+        crop (if CROP.ENABLED), multi-scale resize]; test: [resize].
+    """
+    if not is_train:
+        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+    augs = [_build_flip(cfg), _build_random_crop(cfg) if cfg.INPUT.CROP.ENABLED else None]
+    augs.append(T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                     cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING))
+    return [aug for aug in augs if aug is not None]
+
+
+class DetrDatasetMapper:
+    """Map one detectron2 dataset dict to DETR's input: augmented image and its boxes.
+
+    Input: a dict with "file_name", "height", "width", "image_id" and (training)
+    "annotations", each with "bbox" in "bbox_mode", "category_id", "iscrowd".
+
+    Output: a copy of the dict (height/width/file_name/image_id kept, i.e. the original
+    image size, to which detectron2 models rescale their predictions) plus
+
+    * "image": uint8 tensor of shape (C, H, W), H x W the augmented size, channels in
+      ``image_format`` order (C = 3 for "RGB"/"BGR").
+    * "instances" (training only): ``Instances`` of image size (H, W) with ``gt_boxes``
+      (``Boxes``, shape (N, 4), XYXY in absolute pixels of the augmented image, clipped
+      to it) and ``gt_classes`` (int64 tensor of shape (N,)). Crowd annotations are
+      dropped and so are boxes left empty by a crop; N may be 0 (boxes of shape (0, 4)).
+
+    At test time "annotations" are removed and there is no "instances".
+    """
+
+    @configurable
+    def __init__(self, is_train, *, augmentations, image_format):
+        """
+        Args:
+            is_train (bool): training (annotations become "instances") or inference
+                (annotations are dropped).
+            augmentations (list[Augmentation or Transform]): applied in order to the image
+                and its boxes, e.g. ``build_detr_augmentation(cfg, is_train)``.
+            image_format (str): channel order of "image", any format of
+                ``detection_utils.read_image`` ("RGB" for DETR).
+        """
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        mode = "training" if is_train else "inference"
+        logging.getLogger(__name__).info(
+            f"[DetrDatasetMapper] Augmentations used in {mode}: {self.augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train=True):
+        """Keys: INPUT.FORMAT and those of ``build_detr_augmentation``."""
+        return {
+            "is_train": is_train,
+            "augmentations": build_detr_augmentation(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def _read_image(self, dataset_dict):
+        """HWC uint8 image of the record, EXIF orientation applied; clear error if unreadable."""
+        file_name = dataset_dict["file_name"]
+        where = f"{file_name} (image_id {dataset_dict.get('image_id')!r})"
+        try:
+            return utils.read_image(file_name, format=self.image_format)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"Image file not found: {where}; check DATASETS and the image root the "
+                "dataset was registered with") from e
+        except OSError as e:
+            raise OSError(f"Cannot read image {where}: {e}") from e
+
+    @staticmethod
+    def _annotations_to_instances(annotations, transforms, image_shape):
+        """Instances of the non-crowd boxes, transformed, clipped to ``image_shape``, non-empty."""
+        annos = [anno for anno in annotations if anno.get("iscrowd", 0) == 0]
+        for anno in annos:  # DETR learns boxes only
+            anno.pop("segmentation", None)
+            anno.pop("keypoints", None)
+        annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
+        return utils.filter_empty_instances(utils.annotations_to_instances(annos, image_shape))
+
+    def __call__(self, dataset_dict):
+        """
+        Args:
+            dataset_dict (dict): one record in detectron2's dataset format (not modified).
+
+        Returns:
+            dict: the record with "image" (uint8, (C, H, W)) and, in training,
+            "instances" (gt_boxes XYXY absolute pixels of the augmented image, gt_classes).
+        """
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = self._read_image(dataset_dict)
+        utils.check_image_size(dataset_dict, image)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        annotations = dataset_dict.pop("annotations", [])
+        if self.is_train:
+            dataset_dict["instances"] = self._annotations_to_instances(
+                annotations, transforms, image.shape[:2])
+        return dataset_dict

@@ -1,0 +1,8 @@
+"""DETR's model parts; importing this registers the ``Detr`` meta-architecture."""
+from detr_d2.modeling.backbone import MaskedBackbone
+from detr_d2.modeling.criterion import SetCriterion
+from detr_d2.modeling.detr import Detr
+from detr_d2.modeling.matcher import HungarianMatcher
+from detr_d2.modeling.transformer import Transformer
+
+__all__ = ["Detr", "HungarianMatcher", "MaskedBackbone", "SetCriterion", "Transformer"]
