@@ -8,9 +8,6 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 from detr_d2.modeling.matcher import HungarianMatcher
 
-LOGGED_ONLY = ("class_error", "cardinality_error")
-
-
 def num_boxes_normalizer(targets, device):
     """Number of target boxes in the batch, averaged over processes, at least 1."""
     count = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)

@@ -8,7 +8,7 @@ from torch import nn
 
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
-from detr_d2.modeling.criterion import LOGGED_ONLY, SetCriterion
+from detr_d2.modeling.criterion import SetCriterion
 from detr_d2.modeling.heads import MLP
 from detr_d2.modeling.position_encoding import build_position_embedding
 from detr_d2.modeling.postprocess import results_for_batch
@@ -111,8 +111,8 @@ class Detr(nn.Module):
 
     def weighted_losses(self, unweighted):
         """Apply the criterion's weights; log class/cardinality errors to EventStorage."""
-        _put_in_event_storage({k: v for k, v in unweighted.items() if k in LOGGED_ONLY})
         weights = self.criterion.weight_dict
+        _put_in_event_storage({k: v for k, v in unweighted.items() if k not in weights})
         return {k: v * weights[k] for k, v in unweighted.items() if k in weights}
 
     def forward(self, batched_inputs):

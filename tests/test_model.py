@@ -1,0 +1,134 @@
+"""The Detr meta-architecture built from configs: sizes, training and inference contracts."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+import detr_d2
+from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh, normalized_cxcywh_to_absolute_xyxy
+from tests.fixture_models import REPO
+
+
+def config(name, *opts):
+    cfg = get_cfg()
+    detr_d2.add_detr_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / name))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def parameter_counts(model):
+    return (sum(p.numel() for p in model.parameters()),
+            sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def small_config(*opts):
+    return config("detr_r50.yaml", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
+                  "MODEL.DETR.HIDDEN_DIM", "32", "MODEL.DETR.DIM_FEEDFORWARD", "64", "MODEL.DETR.ENC_LAYERS", "1",
+                  "MODEL.DETR.DEC_LAYERS", "2", "MODEL.DETR.NUM_OBJECT_QUERIES", "7", "MODEL.DETR.NUM_CLASSES", "3",
+                  *opts)
+
+
+def training_input(height, width, boxes, classes):
+    instances = Instances((height, width))
+    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "instances": instances}
+
+
+@pytest.mark.parametrize("name, opts, total, trainable", [
+    ("detr_r50.yaml", ["MODEL.DETR.NUM_CLASSES", "2"], None, 41_279_495),
+    ("detr_r50.yaml", [], 41_521_941, 41_299_541),
+    ("detr_r101.yaml", [], 60_461_845, 60_239_445),
+    ("detr_r50_dc5.yaml", [], 41_521_941, 41_299_541),
+])
+def test_parameter_counts_equal_the_reference(name, opts, total, trainable):
+    counts = parameter_counts(build_model(config(name, *opts)))
+    assert counts[1] == trainable
+    if total is not None:
+        assert counts[0] == total
+
+
+def test_stem_and_res2_are_frozen():
+    model = build_model(small_config())
+    frozen = {n.split(".")[2] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"stem", "res2"}
+
+
+def test_training_returns_weighted_losses_and_logs_errors_to_event_storage():
+    model = build_model(small_config("MODEL.DETR.DROPOUT", "0.0"))
+    model.train()
+    batch = [training_input(64, 80, [[4, 4, 30, 40], [40, 10, 70, 60]], [0, 2]),
+             training_input(48, 64, [], [])]
+    with EventStorage() as storage:
+        losses = model(batch)
+        logged = {k: v[0] for k, v in storage.latest().items()}
+    expected_keys = {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_0", "loss_bbox_0", "loss_giou_0"}
+    assert set(losses) == expected_keys
+    assert {"class_error", "cardinality_error", "cardinality_error_0"} <= set(logged)
+    with torch.no_grad():
+        unweighted = model.criterion(*model.predict(model.preprocess_image(batch)),
+                                     model.prepare_targets(batch, [(64, 80), (48, 64)]))
+    torch.testing.assert_close(losses["loss_bbox"], 5.0 * unweighted["loss_bbox"])
+    torch.testing.assert_close(losses["loss_giou_0"], 2.0 * unweighted["loss_giou_0"])
+    sum(losses.values()).backward()
+    assert model.class_embed.weight.grad is not None
+
+
+def test_batch_without_any_object_trains():
+    model = build_model(small_config())
+    model.train()
+    losses = model([training_input(40, 40, [], []), training_input(40, 56, [], [])])
+    assert losses["loss_bbox"].item() == 0.0 and losses["loss_giou"].item() == 0.0
+    assert losses["loss_ce"].item() > 0
+    sum(losses.values()).backward()
+
+
+def test_without_deep_supervision_only_final_losses():
+    model = build_model(small_config("MODEL.DETR.DEEP_SUPERVISION", "False"))
+    model.train()
+    losses = model([training_input(40, 40, [[2, 2, 20, 20]], [1])])
+    assert set(losses) == {"loss_ce", "loss_bbox", "loss_giou"}
+
+
+@pytest.mark.parametrize("opts", [[], ["MODEL.DETR.PRE_NORM", "True"], ["MODEL.DETR.POSITION_EMBEDDING", "learned"]])
+def test_inference_returns_every_query_in_requested_size(opts):
+    model = build_model(small_config(*opts))
+    model.eval()
+    image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    with torch.no_grad():
+        outputs = model([{"image": image, "height": 100, "width": 140}, {"image": image[:, :30]}])
+    first, second = outputs[0]["instances"], outputs[1]["instances"]
+    assert len(first) == len(second) == 7
+    assert first.image_size == (100, 140) and second.image_size == (30, 70)
+    boxes = first.pred_boxes.tensor
+    assert (boxes[:, 0::2] <= 140).all() and (boxes[:, 1::2] <= 100).all() and (boxes >= 0).all()
+    assert ((first.scores > 0) & (first.scores < 1)).all()
+    assert first.pred_classes.max() < 3
+
+
+def test_inference_boxes_scale_with_the_requested_size():
+    model = build_model(small_config())
+    model.eval()
+    image = torch.randint(0, 256, (3, 50, 70), dtype=torch.uint8)
+    with torch.no_grad():
+        small, large = (model([{"image": image, "height": h, "width": w}])[0]["instances"] for h, w in [(50, 70), (100, 140)])
+    torch.testing.assert_close(large.pred_boxes.tensor, 2 * small.pred_boxes.tensor)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="NUM_CLASSES"):
+        build_model(small_config("MODEL.DETR.NUM_CLASSES", "0"))
+    with pytest.raises(ValueError, match="HIDDEN_DIM"):
+        build_model(small_config("MODEL.DETR.HIDDEN_DIM", "30", "MODEL.DETR.NHEADS", "8"))
+    with pytest.raises(ValueError, match="POSITION_EMBEDDING"):
+        build_model(small_config("MODEL.DETR.POSITION_EMBEDDING", "rope"))
+
+
+def test_box_conversions_round_trip():
+    xyxy = torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 200.0, 100.0]])
+    normalized = absolute_xyxy_to_normalized_cxcywh(xyxy, height=100, width=200)
+    torch.testing.assert_close(normalized, torch.tensor([[0.15, 0.3, 0.2, 0.2], [0.5, 0.5, 1.0, 1.0]]))
+    torch.testing.assert_close(normalized_cxcywh_to_absolute_xyxy(normalized, 100, 200), xyxy)
