@@ -9,7 +9,8 @@ from detectron2.config import CfgNode as CN
 
 def _add_model_keys(cfg):
     cfg.MODEL.DETR = CN()
-    cfg.MODEL.DETR.NUM_CLASSES = 80
+    # None: taken from the training sets' categories (written into the run's config.yaml).
+    cfg.MODEL.DETR.NUM_CLASSES = None
     cfg.MODEL.DETR.HIDDEN_DIM = 256
     cfg.MODEL.DETR.NHEADS = 8
     cfg.MODEL.DETR.DROPOUT = 0.1
@@ -48,9 +49,16 @@ def _add_input_keys(cfg):
     cfg.INPUT.CROP.PROBABILITY = 0.5
 
 
+def _add_dataset_keys(cfg):
+    # (name, annotation json, image root) triples registered as COCO-json datasets.
+    # Relative paths are relative to the current working directory.
+    cfg.DATASETS.REGISTER_COCO = ()
+
+
 def add_detr_config(cfg):
     """Add every detr_d2 key, with the reference DETR's values, to ``cfg`` in place."""
     _add_model_keys(cfg)
     _add_solver_keys(cfg)
     _add_input_keys(cfg)
+    _add_dataset_keys(cfg)
     return cfg

@@ -6,6 +6,7 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from detr_d2.data.coco_registration import configured_num_classes
 from detr_d2.modeling.matcher import HungarianMatcher
 
 def num_boxes_normalizer(targets, device):
@@ -57,7 +58,7 @@ class SetCriterion(nn.Module):
     def from_config(cls, cfg):
         detr = cfg.MODEL.DETR
         return {
-            "num_classes": detr.NUM_CLASSES,
+            "num_classes": configured_num_classes(cfg),
             "matcher": HungarianMatcher(cfg),
             "no_object_weight": detr.NO_OBJECT_WEIGHT,
             "class_weight": detr.CLASS_WEIGHT,

@@ -6,6 +6,7 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from detr_d2.data.coco_registration import configured_num_classes
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
@@ -66,8 +67,9 @@ class Detr(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         detr = cfg.MODEL.DETR
-        if detr.NUM_CLASSES <= 0:
-            raise ValueError(f"MODEL.DETR.NUM_CLASSES must be positive, got {detr.NUM_CLASSES}")
+        num_classes = configured_num_classes(cfg)
+        if num_classes <= 0:
+            raise ValueError(f"MODEL.DETR.NUM_CLASSES must be positive, got {num_classes}")
         return {
             "backbone": build_masked_backbone(cfg),
             "position_embedding": build_position_embedding(detr.POSITION_EMBEDDING, detr.HIDDEN_DIM),
@@ -77,7 +79,7 @@ class Detr(nn.Module):
                                        dim_feedforward=detr.DIM_FEEDFORWARD,
                                        dropout=detr.DROPOUT, pre_norm=detr.PRE_NORM),
             "criterion": SetCriterion(cfg),
-            "num_classes": detr.NUM_CLASSES,
+            "num_classes": num_classes,
             "num_queries": detr.NUM_OBJECT_QUERIES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
