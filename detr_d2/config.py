@@ -6,6 +6,8 @@ the keys it did not have sit beside them.
 """
 from detectron2.config import CfgNode as CN
 
+from detr_d2.modeling.tiny_backbone import add_tiny_cnn_config
+
 
 def _add_model_keys(cfg):
     cfg.MODEL.DETR = CN()
@@ -61,4 +63,5 @@ def add_detr_config(cfg):
     _add_solver_keys(cfg)
     _add_input_keys(cfg)
     _add_dataset_keys(cfg)
+    add_tiny_cnn_config(cfg)
     return cfg

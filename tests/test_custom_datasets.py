@@ -1,5 +1,4 @@
 """COCO-json datasets from the config: registration, NUM_CLASSES from the data, defects."""
-import importlib.util
 import json
 
 import pytest
@@ -9,13 +8,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 import detr_d2
 from detr_d2.data import DatasetError, register_datasets_from_config, resolve_num_classes, validate_coco_dataset
 from tests.fixture_models import REPO
-
-
-def load_prepare_shapes():
-    spec = importlib.util.spec_from_file_location("prepare_shapes", REPO / "datasets" / "prepare_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.shapes_data import load_prepare_shapes
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Tests of datasets/prepare_shapes.py, the synthetic COCO shape-dataset generator."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,20 +10,13 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
+from tests.shapes_data import load_prepare_shapes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "datasets" / "prepare_shapes.py"
 
 
-def _load_module():
-    """Import datasets/prepare_shapes.py by path (datasets/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("prepare_shapes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ps = _load_module()
+ps = load_prepare_shapes()
 
 SMALL = {"train": 4, "val": 3}
 

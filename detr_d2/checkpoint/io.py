@@ -8,7 +8,7 @@ Anything else is refused unless the caller explicitly trusts the file.
 import argparse
 import os
 import pickle
-import tempfile
+import uuid
 
 import torch
 
@@ -42,20 +42,30 @@ def load_checkpoint_file(path, trust_pickle=False):
                               f"(truncated or corrupt?): {error}") from None
 
 
+def atomic_write(path, write_fn, binary=True):
+    """Call ``write_fn(f)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    Readers see either the old ``path`` or the complete new one, never a partial file.
+    ``write_fn`` gets a file opened in binary mode, or text mode if not ``binary``.
+    The file gets the permissions of a plainly created one (the process umask applies).
+    """
+    tmp_path = os.path.join(os.path.dirname(os.path.abspath(path)),
+                            f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp_path, "xb" if binary else "x") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
 def atomic_torch_save(obj, path):
     """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``.
 
     A crash mid-write leaves the previous ``path`` (if any) untouched.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    atomic_write(path, lambda file: torch.save(obj, file))

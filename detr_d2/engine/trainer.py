@@ -1,0 +1,199 @@
+"""``Trainer``: detectron2's DefaultTrainer set up for DETR.
+
+Differences from DefaultTrainer:
+- optimizer: ``build_detr_optimizer`` (AdamW/SGD, backbone LR multiplier, full-model
+  gradient clipping); LR schedule: detectron2's ``build_lr_scheduler`` (WarmupMultiStepLR);
+- data: ``DetrDatasetMapper`` for training and test loaders; datasets are checked first
+  (registered names, readable annotation files, existing images), see ``checks``;
+- DistributedDataParallel is built with ``compat.ddp_device_ids`` so that multi-process
+  training also runs on CPU (gloo);
+- checkpoints are written atomically (``AtomicDetectionCheckpointer``) and hold the
+  optimizer (and AMP grad-scaler) state besides the iteration and LR scheduler;
+- evaluation: COCOEvaluator (bbox) into ``OUTPUT_DIR/inference``;
+- console: every loss, ``class_error`` and ``cardinality_error`` (``MetricPrinter``).
+"""
+import itertools
+import logging
+import os
+import weakref
+
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detectron2.data.build import (
+    filter_images_with_only_crowd_annotations,
+    print_instances_class_histogram,
+)
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import COCOEvaluator
+from detectron2.solver import build_lr_scheduler
+from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter, TensorboardXWriter
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from detr_d2 import compat
+from detr_d2.data import DetrDatasetMapper
+from detr_d2.engine.checkpointer import AtomicDetectionCheckpointer
+from detr_d2.engine.checks import (
+    SetupError,
+    check_amp,
+    check_dataset_names,
+    check_device,
+    check_weights_to_load,
+    load_dataset_dicts,
+)
+from detr_d2.engine.optimizer import build_detr_optimizer
+from detr_d2.engine.writers import MetricPrinter
+
+__all__ = ["Trainer", "check_training_setup"]
+
+logger = logging.getLogger("detectron2")
+
+
+def check_training_setup(cfg):
+    """Everything about ``cfg`` that can be checked cheaply before training starts.
+
+    Device, AMP, and the DATASETS.TRAIN (not empty) / DATASETS.TEST names. The datasets'
+    files are checked when they are loaded (the training set while the Trainer is built,
+    the test sets then too, see ``Trainer.__init__``).
+    """
+    check_device(cfg)
+    check_amp(cfg)
+    if not cfg.DATASETS.TRAIN:
+        raise SetupError("DATASETS.TRAIN is empty; name the registered dataset(s) to train on.")
+    check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+    check_dataset_names(cfg.DATASETS.TEST, "DATASETS.TEST")
+
+
+def wrap_ddp(model, device):
+    """``model`` in DistributedDataParallel when there is more than one process.
+
+    ``device_ids`` is the local GPU on CUDA and None on CPU (detectron2 v0.6's
+    ``create_ddp_model`` always passes a GPU index, which torch rejects on CPU).
+    """
+    if comm.get_world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=compat.ddp_device_ids(device),
+                                   broadcast_buffers=False)
+
+
+def training_dataset_dicts(names, filter_empty):
+    """The records of the training datasets ``names``, concatenated.
+
+    Like detectron2's ``get_detection_dataset_dicts`` (without proposals/keypoints), but
+    each dataset is read through ``load_dataset_dicts`` so a broken dataset is named.
+    With ``filter_empty``, images without any non-crowd annotation are dropped.
+    """
+    dicts = list(itertools.chain.from_iterable(load_dataset_dicts(name) for name in names))
+    has_instances = "annotations" in dicts[0]
+    if filter_empty and has_instances:
+        dicts = filter_images_with_only_crowd_annotations(dicts)
+        if not dicts:
+            raise SetupError(f"No image of {', '.join(names)} has an annotation; set "
+                             "DATALOADER.FILTER_EMPTY_ANNOTATIONS False to train on them anyway.")
+    class_names = MetadataCatalog.get(names[0]).get("thing_classes", None)
+    if has_instances and class_names:
+        print_instances_class_histogram(dicts, class_names)
+    return dicts
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer for DETR; use it like DefaultTrainer (see module doc).
+
+    Example::
+
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    """
+
+    def __init__(self, cfg):
+        """Build data, model, optimizer, LR scheduler, checkpointer and hooks from ``cfg``.
+
+        Sets the attributes DefaultTrainer sets (``_trainer`` holding model, data_loader and
+        optimizer; scheduler, checkpointer, start_iter, max_iter, cfg) without calling
+        ``DefaultTrainer.__init__``, whose DDP wrapper does not work on CPU in v0.6.
+        Data is loaded first, so that a broken dataset is reported before the model is built.
+        """
+        TrainerBase.__init__(self)
+        if not logger.isEnabledFor(logging.INFO):  # setup_logger was not called for detectron2
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        check_training_setup(cfg)
+        for name in cfg.DATASETS.TEST:  # fail now rather than at the first evaluation
+            load_dataset_dicts(name)
+        data_loader = self.build_train_loader(cfg)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        model = wrap_ddp(model, cfg.MODEL.DEVICE)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR,
+                                                        trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        """Resume from OUTPUT_DIR's last checkpoint, or load MODEL.WEIGHTS (checked to exist)."""
+        check_weights_to_load(self.cfg, resume)
+        super().resume_or_load(resume=resume)
+
+    def state_dict(self):
+        """Iteration, hook states (LR scheduler) and, under "_trainer", the optimizer state.
+
+        detectron2 v0.6's DefaultTrainer leaves the optimizer out of its checkpoints, so a
+        resumed AdamW would restart without its moments; later versions save it the same way.
+        """
+        state = super().state_dict()
+        state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Restore what ``state_dict`` saved (iteration, LR scheduler, optimizer)."""
+        super().load_state_dict(state_dict)
+        self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def build_writers(self):
+        """Console (every loss and error metric), metrics.json and TensorBoard writers."""
+        return [
+            MetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """AdamW/SGD with the backbone LR multiplier and clipping (``build_detr_optimizer``)."""
+        return build_detr_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """detectron2's scheduler of SOLVER.LR_SCHEDULER_NAME (WarmupMultiStepLR: step drops)."""
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Batches (lists of ``DetrDatasetMapper`` outputs) of DATASETS.TRAIN, endlessly."""
+        dicts = training_dataset_dicts(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, True), dataset=dicts)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Batches of one ``DetrDatasetMapper`` (test mode) output of ``dataset_name``."""
+        return build_detection_test_loader(load_dataset_dicts(dataset_name),
+                                           mapper=DetrDatasetMapper(cfg, False),
+                                           num_workers=cfg.DATALOADER.NUM_WORKERS)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name):
+        """COCO box AP of ``dataset_name``; results and predictions in OUTPUT_DIR/inference."""
+        return COCOEvaluator(dataset_name, tasks=("bbox",),
+                             output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"),
+                             use_fast_impl=compat.has_compiled_ops())

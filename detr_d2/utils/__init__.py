@@ -1,0 +1,9 @@
+"""Helpers shared by the command-line tools (tools/demo.py, visualize_data.py,
+plot_logs.py, analyze_model.py).
+
+* ``tool_setup``: config loading, class-name metadata, logging, one-line error exits;
+* ``inputs``: expanding files / folders / globs into images and videos, output names;
+* ``predictor``: a batch predictor (test-time resize, weights loading, score threshold);
+* ``outputs``: drawings with detectron2's Visualizer, COCO-format result records, atomic
+  PNG / JSON writes.
+"""

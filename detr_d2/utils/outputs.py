@@ -1,0 +1,94 @@
+"""What the tools write: drawings (detectron2's Visualizer), COCO-format detection records,
+PNG / JSON files written atomically, annotated videos."""
+import json
+import os
+
+import cv2
+from detectron2.utils.visualizer import Visualizer
+
+from detr_d2.engine import SetupError
+from detr_d2.checkpoint.io import atomic_write
+from detr_d2.utils.inputs import VIDEO_FOURCC
+
+__all__ = ["AtomicVideoWriter", "coco_records", "draw_predictions", "write_json", "write_png"]
+
+
+def draw_predictions(image_rgb, instances, metadata):
+    """HWC uint8 RGB image (same size as ``image_rgb``) with the boxes of ``instances``
+    (``pred_boxes`` xyxy absolute pixels of that image) labelled "class score%"."""
+    return Visualizer(image_rgb, metadata).draw_instance_predictions(instances).get_image()
+
+
+def write_png(path, image_rgb):
+    """Write an HWC uint8 RGB image as a PNG, atomically."""
+    ok, encoded = cv2.imencode(".png", image_rgb[:, :, ::-1])
+    if not ok:
+        raise OSError(f"cannot encode {path} as PNG")
+    atomic_write(path, lambda file: file.write(encoded.tobytes()))
+
+
+def write_json(path, data):
+    """Write ``data`` as JSON, atomically."""
+    atomic_write(path, lambda file: json.dump(data, file, indent=1), binary=False)
+
+
+def _dataset_category_ids(metadata):
+    """contiguous class index -> the dataset's category id, or None if the metadata has
+    no ``thing_dataset_id_to_contiguous_id`` (then the index is the id)."""
+    mapping = metadata.get("thing_dataset_id_to_contiguous_id")
+    return {index: dataset_id for dataset_id, index in mapping.items()} if mapping else None
+
+
+def coco_records(instances, file_name, metadata, **extra):
+    """COCO results records of ``instances`` of the image ``file_name``.
+
+    Each: {"file_name", "category_id" (the dataset's id, see ``_dataset_category_ids``),
+    "category_name", "bbox": [x, y, w, h] (COCO xywh, absolute pixels; converted from the
+    xyxy ``pred_boxes``), "score", **extra} (e.g. ``frame=`` for video frames)."""
+    category_ids = _dataset_category_ids(metadata)
+    names = metadata.get("thing_classes")
+    records = []
+    for (x0, y0, x1, y1), score, label in zip(instances.pred_boxes.tensor.tolist(),
+                                              instances.scores.tolist(), instances.pred_classes.tolist()):
+        records.append({"file_name": file_name,
+                        "category_id": category_ids[label] if category_ids else label,
+                        "category_name": names[label] if names else str(label),
+                        "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score, **extra})
+    return records
+
+
+class AtomicVideoWriter:
+    """A cv2.VideoWriter for ``path`` (codec from its extension, see VIDEO_FOURCC) that
+    writes to a temporary file beside it and renames it to ``path`` on ``close()``; frames
+    are HWC uint8 RGB of one size, the writer is opened at the first frame."""
+
+    def __init__(self, path, fps):
+        self.path = path
+        stem, extension = os.path.splitext(path)
+        self.temporary_path = os.path.join(os.path.dirname(path),
+                                           f".{os.path.basename(stem)}.{os.getpid()}.tmp{extension}")
+        self.codec = VIDEO_FOURCC[extension.lower()]
+        self.fps = fps
+        self.writer = None
+
+    def write(self, frame_rgb):
+        if self.writer is None:
+            height, width = frame_rgb.shape[:2]
+            fourcc = cv2.VideoWriter_fourcc(*self.codec)
+            self.writer = cv2.VideoWriter(self.temporary_path, fourcc, self.fps, (width, height))
+            if not self.writer.isOpened():
+                raise SetupError(f"OpenCV cannot write the video {self.path} with codec {self.codec}")
+        self.writer.write(frame_rgb[:, :, ::-1].copy())
+
+    def close(self):
+        """Finish the file and move it into place (nothing is written without a frame)."""
+        if self.writer is not None:
+            self.writer.release()
+            os.replace(self.temporary_path, self.path)
+
+    def discard(self):
+        """Drop the partial video."""
+        if self.writer is not None:
+            self.writer.release()
+        if os.path.exists(self.temporary_path):
+            os.remove(self.temporary_path)

@@ -1,0 +1,72 @@
+"""Batch inference for the tools: model building, weight loading, test-time resizing."""
+import os
+
+import torch
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+
+from detr_d2.data import build_detr_augmentation
+from detr_d2.engine import AtomicDetectionCheckpointer, SetupError
+from detr_d2.engine.checks import check_device
+
+__all__ = ["BatchPredictor", "build_inference_model", "confident", "load_inference_weights"]
+
+
+def load_inference_weights(model, weights):
+    """Load the checkpoint ``weights`` (MODEL.WEIGHTS) into ``model``.
+
+    The one place where the inference tools read weights. An empty path, a missing local
+    file or a file that does not load raises SetupError."""
+    if not weights:
+        raise SetupError("MODEL.WEIGHTS is empty: give a trained checkpoint, e.g. "
+                         "--opts MODEL.WEIGHTS output/model_final.pth")
+    if "://" not in weights and not os.path.isfile(weights):
+        raise SetupError(f"MODEL.WEIGHTS {weights} does not exist; give the path of a trained checkpoint")
+    try:
+        AtomicDetectionCheckpointer(model).load(weights)
+    except (OSError, EOFError, RuntimeError) as error:
+        raise SetupError(f"Cannot load MODEL.WEIGHTS {weights}: {error}") from error
+
+
+def build_inference_model(cfg):
+    """The config's model on MODEL.DEVICE, MODEL.WEIGHTS loaded, in eval mode."""
+    check_device(cfg)
+    model = build_model(cfg)
+    load_inference_weights(model, cfg.MODEL.WEIGHTS)
+    return model.eval()
+
+
+def confident(instances, threshold):
+    """The detections of ``instances`` whose score is at least ``threshold``."""
+    return instances[instances.scores >= threshold]
+
+
+class BatchPredictor:
+    """Runs the config's model on batches of images, like detectron2's DefaultPredictor
+    does on one: each image (HWC uint8, channels in INPUT.FORMAT) is resized with the
+    test-time ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST) and passed with
+    its original "height"/"width", so boxes come back in the original image's pixels."""
+
+    def __init__(self, cfg):
+        self.model = build_inference_model(cfg)
+        self.image_format = cfg.INPUT.FORMAT
+        self.resize = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
+
+    @property
+    def num_classes(self):
+        return self.model.num_classes
+
+    def model_input(self, image):
+        """{"image": CHW uint8 tensor at the test size, "height", "width": original size}."""
+        height, width = image.shape[:2]
+        aug_input = T.AugInput(image)
+        self.resize(aug_input)
+        chw = torch.as_tensor(aug_input.image.transpose(2, 0, 1).copy())
+        return {"image": chw, "height": height, "width": width}
+
+    def __call__(self, images):
+        """One CPU ``Instances`` per image with every query: ``pred_boxes`` (xyxy, absolute
+        pixels of the original image), ``scores``, ``pred_classes`` (contiguous ids)."""
+        with torch.no_grad():
+            outputs = self.model([self.model_input(image) for image in images])
+        return [output["instances"].to("cpu") for output in outputs]

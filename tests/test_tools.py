@@ -1,0 +1,286 @@
+"""The command-line tools (demo, visualize_data, plot_logs, analyze_model), each run as a
+real subprocess on the converted tiny reference model and a small shapes dataset.
+
+The model is the reference fixture ../shared/fixtures/detr_upstream_tiny (4 classes, random
+weights), converted with the converter CLI; the data: 4 shape classes, 128-px images.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
+
+import detr_d2  # noqa: F401
+from tests.fixture_models import REPO, config_for_fixture, convert_with_cli, fixture_dir
+from tests.shapes_data import load_prepare_shapes
+
+CLASSES = ["circle", "rectangle", "triangle", "star"]  # the fixture model has 4 classes
+IMAGE_SIZE = 128
+TEST_SIZE = 160  # INPUT.MIN_SIZE_TEST: the demo resizes, results come back in 128-px pixels
+NUM_QUERIES = 10
+TRAIN_SIZE = 144  # INPUT.MIN_SIZE_TRAIN of the dataloader drawings
+
+
+def run_tool(tool, *args, timeout=240):
+    """Run ``tools/<tool> ARGS`` from the repository root; the CompletedProcess."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / tool), *map(str, args)], cwd=REPO,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """{"config": config file, "cfg": its CfgNode (NUM_CLASSES set), "root": data folder,
+    "jsons": {split: COCO json}, "val_images": paths}."""
+    fixture = fixture_dir("detr_upstream_tiny")
+    root = tmp_path_factory.mktemp("tools")
+    weights = root / "tiny.pth"
+    converted = convert_with_cli(fixture / "checkpoint.pth", weights)
+    assert converted.returncode == 0, converted.stderr
+    jsons = load_prepare_shapes().generate_dataset(root / "shapes", CLASSES, {"train": 3, "val": 4},
+                                                   image_size=IMAGE_SIZE, min_size=30, seed=5)
+    cfg = config_for_fixture(fixture)
+    cfg.DATASETS.REGISTER_COCO = (("tools_train", jsons["train"], str(root / "shapes/images/train")),
+                                  ("tools_val", jsons["val"], str(root / "shapes/images/val")))
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("tools_train",), ("tools_val",)
+    cfg.MODEL.DETR.NUM_CLASSES = None  # from the data
+    cfg.MODEL.WEIGHTS = str(weights)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = TEST_SIZE, 400
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (TRAIN_SIZE,), 400
+    cfg.INPUT.RANDOM_FLIP = "none"
+    cfg.INPUT.CROP.ENABLED = False
+    cfg.SEED = 0
+    config = root / "config.yaml"
+    config.write_text(cfg.dump())
+    cfg.MODEL.DETR.NUM_CLASSES = len(CLASSES)  # for the in-process reference runs
+    val_images = sorted((root / "shapes/images/val").glob("*.png"))
+    return {"config": config, "cfg": cfg, "root": root, "jsons": jsons, "val_images": val_images}
+
+
+def read_rgb(path):
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    assert image is not None, f"{path} does not decode"
+    return image[:, :, ::-1]
+
+
+def box_outline(box_xywh, shape):
+    """Boolean mask of the 1-px outline of a COCO box (x, y, w, h) rounded to pixels."""
+    x, y, w, h = box_xywh
+    x0, y0 = max(int(round(x)), 0), max(int(round(y)), 0)
+    x1, y1 = min(int(round(x + w)), shape[1] - 1), min(int(round(y + h)), shape[0] - 1)
+    mask = np.zeros(shape[:2], bool)
+    mask[y0:y1 + 1, [x0, x1]] = True
+    mask[[y0, y1], x0:x1 + 1] = True
+    return mask
+
+
+def reference_detections(cfg, image_paths):
+    """{path: [(score, class, [x, y, w, h])]} of detectron2's DefaultPredictor, all queries."""
+    predictor = DefaultPredictor(cfg)
+    detections = {}
+    for path in image_paths:
+        instances = predictor(cv2.imread(str(path)))["instances"]
+        boxes = instances.pred_boxes.tensor.tolist()
+        detections[str(path)] = [(s, c, [x0, y0, x1 - x0, y1 - y0]) for s, c, (x0, y0, x1, y1)
+                                 in zip(instances.scores.tolist(), instances.pred_classes.tolist(), boxes)]
+    return detections
+
+
+def threshold_between(scores):
+    """A threshold in the largest gap between the sorted scores of the middle half."""
+    ordered = sorted(scores)
+    candidates = range(max(len(ordered) // 4, 1), 3 * len(ordered) // 4)
+    best = max(candidates, key=lambda i: ordered[i] - ordered[i - 1])
+    return (ordered[best] + ordered[best - 1]) / 2
+
+
+def pop_match(record, detections):
+    """Remove and return the (score, class, box) of ``detections`` equal to the record."""
+    for index, (score, label, box) in enumerate(detections):
+        if (abs(record["score"] - score) < 1e-4 and record["category_name"] == CLASSES[label]
+                and record["bbox"] == pytest.approx(box, abs=0.05)):
+            return detections.pop(index)
+    raise AssertionError(f"{record} is not among the expected detections {detections}")
+
+
+def write_corrupt_images(folder):
+    """{file: reason fragment}: an empty .jpg, a text file named .jpg, a truncated PNG."""
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image\n")
+    png = cv2.imencode(".png", np.full((64, 64, 3), 90, np.uint8))[1].tobytes()
+    (folder / "truncated.png").write_bytes(png[:len(png) // 2])
+    return {"empty.jpg": "not a decodable image", "notes.jpg": "not a decodable image",
+            "truncated.png": "truncated"}
+
+
+def test_demo_draws_and_records_confident_detections(setup, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = []
+    for path in setup["val_images"]:
+        good.append(inputs / path.name)
+        good[-1].write_bytes(path.read_bytes())
+    corrupt = write_corrupt_images(inputs)
+    expected = reference_detections(setup["cfg"], good)
+    threshold = threshold_between([d[0] for dets in expected.values() for d in dets])
+    output = tmp_path / "out"
+
+    result = run_tool("demo.py", "--config-file", setup["config"], "--input", inputs, "--output", output,
+                      "--confidence-threshold", threshold, "--batch-size", 3)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    log = result.stdout + result.stderr
+    for name, reason in corrupt.items():
+        assert any(name in line and reason in line for line in log.splitlines()), (name, log)
+    assert "Traceback" not in log
+    records = json.loads((output / "predictions.json").read_text())
+    assert {r["file_name"] for r in records} <= {str(p) for p in good}
+    for path in good:
+        drawn, original = read_rgb(output / path.name), read_rgb(path)
+        assert drawn.shape == original.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+        changed = np.abs(drawn.astype(int) - original.astype(int)).max(axis=2) > 10
+        mine = [r for r in records if r["file_name"] == str(path)]
+        wanted = [d for d in expected[str(path)] if d[0] >= threshold]
+        assert len(mine) == len(wanted)
+        for record in mine:  # boxes: COCO xywh in pixels of the original image
+            assert record["score"] >= threshold
+            assert record["category_id"] == pop_match(record, wanted)[1] + 1  # the dataset's COCO id
+            x, y, w, h = record["bbox"]
+            assert 0 <= x and 0 <= y and x + w <= IMAGE_SIZE + 1e-3 and y + h <= IMAGE_SIZE + 1e-3
+            assert changed[box_outline(record["bbox"], drawn.shape)].mean() > 0.5
+        if not mine:
+            assert not changed.any()
+    assert records, "the threshold should keep some detections"
+
+
+def write_video(path, frames, fps):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (IMAGE_SIZE, IMAGE_SIZE))
+    assert writer.isOpened()
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def read_video(path):
+    """(frames, fps) of a video file."""
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while (frame := capture.read()[1]) is not None:
+        frames.append(frame)
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    capture.release()
+    return frames, fps
+
+
+def test_demo_annotates_every_frame_of_a_video(setup, tmp_path):
+    images = [cv2.imread(str(path)) for path in setup["val_images"]]
+    write_video(tmp_path / "clip.mp4", [images[i % len(images)] for i in range(10)], fps=5)
+    inputs, input_fps = read_video(tmp_path / "clip.mp4")
+
+    result = run_tool("demo.py", "--config-file", setup["config"], "--input", tmp_path / "clip.mp4",
+                      "--output", tmp_path / "out", "--confidence-threshold", 0.0)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    frames, fps = read_video(tmp_path / "out" / "clip.mp4")
+    assert len(frames) == len(inputs) == 10
+    assert fps == input_fps == 5
+    assert all(f.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) for f in frames)
+    assert all(np.abs(f.astype(int) - i.astype(int)).max() > 50 for f, i in zip(frames, inputs))
+    records = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert sorted({r["frame"] for r in records}) == list(range(10))
+    assert len(records) == 10 * NUM_QUERIES
+    assert {r["category_name"] for r in records} <= set(CLASSES)
+
+
+@pytest.mark.parametrize("problem", ["config", "weights"])
+def test_demo_setup_errors_are_one_line(setup, tmp_path, problem):
+    config = tmp_path / "missing.yaml" if problem == "config" else setup["config"]
+    opts = ["--opts", "MODEL.WEIGHTS", tmp_path / "missing.pth"] if problem == "weights" else []
+    result = run_tool("demo.py", "--config-file", config, "--input", setup["val_images"][0],
+                      "--output", tmp_path / "out", *opts)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and "missing." in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_visualize_data_draws_annotations(setup, tmp_path):
+    result = run_tool("visualize_data.py", "--config-file", setup["config"], "--source", "annotation",
+                      "--output-dir", tmp_path, "--num", 2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with open(setup["jsons"]["train"]) as file:
+        dataset = json.load(file)
+    drawings = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in drawings] == ["tools_train_000000.png", "tools_train_000001.png"]
+    for image_id, drawing in enumerate(drawings, start=1):
+        original = read_rgb(setup["root"] / "shapes/images/train" / drawing.name.replace("tools_train_", ""))
+        drawn = read_rgb(drawing)
+        assert drawn.shape == original.shape
+        changed = np.abs(drawn.astype(int) - original.astype(int)).max(axis=2) > 10
+        for annotation in (a for a in dataset["annotations"] if a["image_id"] == image_id):
+            assert changed[box_outline(annotation["bbox"], drawn.shape)].mean() > 0.5
+
+
+def test_visualize_data_draws_the_training_mapper_output(setup, tmp_path):
+    result = run_tool("visualize_data.py", "--config-file", setup["config"], "--source", "dataloader",
+                      "--output-dir", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    drawings = sorted(tmp_path.glob("*.png"))
+    assert len(drawings) == 3
+    for drawing in drawings:  # resized by INPUT.MIN_SIZE_TRAIN, as the model is fed
+        assert read_rgb(drawing).shape == (TRAIN_SIZE, TRAIN_SIZE, 3)
+
+
+def write_metrics(run_dir, total_iters, eval_period, decay):
+    """A metrics.json as detectron2's JSONWriter writes it during a DETR training run."""
+    run_dir.mkdir()
+    lines = []
+    for iteration in range(19, total_iters, 20):
+        loss = math.exp(-iteration / decay)
+        lines.append({"cardinality_error": 8 * loss, "class_error": 100 * loss, "data_time": 0.007,
+                      "iteration": iteration, "loss_bbox": 2 * loss, "loss_bbox_0": 2.2 * loss,
+                      "loss_ce": 1.5 * loss, "loss_giou": 1.8 * loss, "lr": 3e-4, "time": 0.25,
+                      "total_loss": 5.3 * loss})
+        if (iteration + 1) % eval_period == 0:
+            ap = 100 * (1 - loss)
+            lines.append({"bbox/AP": ap, "bbox/AP-circle": float("nan"), "bbox/AP50": min(100, ap * 1.4),
+                          "bbox/AP75": ap * 0.9, "bbox/APl": ap, "bbox/APm": ap, "bbox/APs": float("nan"),
+                          "iteration": iteration + 1})
+    (run_dir / "metrics.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_plot_logs_overlays_runs(tmp_path):
+    write_metrics(tmp_path / "run_a", 400, 100, decay=150)
+    write_metrics(tmp_path / "run_b", 300, 100, decay=80)
+    result = run_tool("plot_logs.py", tmp_path / "run_a", tmp_path / "run_b", "--output",
+                      tmp_path / "curves.png", "--smooth", 3)
+    assert result.returncode == 0, result.stdout + result.stderr
+    curves = read_rgb(tmp_path / "curves.png")
+    assert curves.shape[0] > 500 and curves.shape[1] > 500 and curves.std() > 10
+    missing = run_tool("plot_logs.py", tmp_path / "run_a", tmp_path / "nowhere", "--output", tmp_path / "x.png")
+    assert missing.returncode == 2
+    assert f"No metrics.json in {tmp_path / 'nowhere'}" in missing.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_analyze_model_counts_parameters_and_flops(setup, tmp_path):
+    result = run_tool("analyze_model.py", "--config-file", setup["config"], "--input-size", "96x128",
+                      "--json", tmp_path / "report.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    model = build_model(setup["cfg"])
+    assert report["parameters"] == sum(p.numel() for p in model.parameters())
+    assert report["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    modules = {row["name"]: row for row in report["modules"]}
+    for name in ("backbone", "input_proj", "transformer", "query_embed", "class_embed", "bbox_embed"):
+        assert modules[name]["parameters"] == sum(p.numel() for p in getattr(model, name).parameters())
+        assert name in result.stdout
+    assert sum(row["flops"] for row in report["modules"]) == report["flops"] > 0
+    assert modules["transformer"]["flops"] > 0 and modules["backbone"]["flops"] > 0
+    assert "aten::scaled_dot_product_attention" not in report["uncounted_operators"]

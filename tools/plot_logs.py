@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Plot the training curves of one or more runs from their metrics.json.
+
+    python tools/plot_logs.py OUTPUT_DIR [OUTPUT_DIR ...] --output curves.png [--smooth K]
+
+Each OUTPUT_DIR is a training run's folder holding detectron2's ``metrics.json`` (one JSON
+object per line with "iteration" and the scalars logged then; evaluation lines carry
+"bbox/AP", "bbox/AP50"). One panel per metric (total_loss, loss_ce, loss_bbox,
+loss_giou, class_error, cardinality_error, lr, bbox/AP, bbox/AP50) against the iteration,
+the runs overlaid and named by their folder. ``--smooth K`` plots the losses and errors
+as a trailing moving average over K logged points. When a resumed run logged an
+iteration twice, the later line counts. The figure format follows the --output
+extension (png, pdf, svg); the file is written atomically.
+"""
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+
+import detr_d2  # noqa: F401  (first: compat fixes)
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from detr_d2.engine import SetupError
+from detr_d2.checkpoint.io import atomic_write
+from detr_d2.utils.tool_setup import positive_int, run_tool, setup_tool_logging
+
+PANELS = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error",
+          "lr", "bbox/AP", "bbox/AP50")
+SMOOTHED = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
+FIGURE_FORMATS = ("png", "pdf", "svg")
+METRICS_FILE = "metrics.json"
+
+logger = logging.getLogger("detectron2")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="OUTPUT_DIR", help="training output folders")
+    parser.add_argument("--output", required=True, metavar="FILE", help="figure file (.png, .pdf, .svg)")
+    parser.add_argument("--smooth", type=positive_int, default=1, metavar="K",
+                        help="moving-average window of the losses, in logged points (default: 1, none)")
+    return parser
+
+
+def read_metrics(run_dir):
+    """The rows (dicts with "iteration") of ``run_dir/metrics.json``; lines that do not parse
+    (e.g. the last one of a run killed while writing) are skipped with a warning."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise SetupError(f"No {METRICS_FILE} in {run_dir}: give the OUTPUT_DIR of a training run")
+    rows = []
+    with open(path) as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning(f"{path}:{number} is not valid JSON; skipped")
+                continue
+            if isinstance(row, dict) and "iteration" in row:
+                rows.append(row)
+    return rows
+
+
+def metric_series(rows, key):
+    """(iterations, values) of ``key`` in ``rows``, sorted by iteration; for an iteration
+    logged more than once (a resumed run) the last row wins."""
+    by_iteration = {row["iteration"]: row[key] for row in rows if isinstance(row.get(key), (int, float))}
+    iterations = sorted(by_iteration)
+    return np.array(iterations, dtype=float), np.array([by_iteration[i] for i in iterations], dtype=float)
+
+
+def moving_average(values, window):
+    """Trailing mean over ``window`` points (fewer at the start), same length as ``values``."""
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
+
+
+def run_labels(run_dirs):
+    """Legend label of each run: its folder name, or the path as given when names repeat."""
+    names = [os.path.basename(os.path.normpath(run)) for run in run_dirs]
+    return [name if names.count(name) == 1 else run for name, run in zip(names, run_dirs)]
+
+
+def plot_panel(axes, key, runs, smooth):
+    """Draw metric ``key`` of every (label, rows) run into ``axes`` (run i in colour Ci)."""
+    drawn = False
+    for index, (label, rows) in enumerate(runs):
+        iterations, values = metric_series(rows, key)
+        if not len(values):
+            continue
+        if key in SMOOTHED and smooth > 1:
+            values = moving_average(values, smooth)
+        marker = "o" if key.startswith("bbox/") else None
+        axes.plot(iterations, values, color=f"C{index}", marker=marker, markersize=3, label=label)
+        drawn = True
+    axes.set_title(key)
+    axes.grid(alpha=0.3)
+    if not drawn:
+        axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes, color="grey")
+
+
+def curves_figure(runs, smooth):
+    """A 3x3 Figure with one panel per metric of PANELS (a shared iteration axis) and a
+    legend of the runs."""
+    figure = Figure(figsize=(13, 9.5), dpi=100, layout="constrained")
+    grid = figure.subplots(3, 3, sharex=True)
+    for axes, key in zip(grid.flat, PANELS):
+        plot_panel(axes, key, runs, smooth)
+    for axes in grid[-1]:
+        axes.set_xlabel("iteration")
+    handles = [Line2D([], [], color=f"C{index}") for index in range(len(runs))]
+    figure.legend(handles, [label for label, _ in runs], loc="outside lower center",
+                  ncols=min(len(runs), 4))
+    smoothing = f" (losses and errors: moving average of {smooth} points)" if smooth > 1 else ""
+    figure.suptitle(f"training curves{smoothing}")
+    return figure
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_tool_logging()
+    extension = os.path.splitext(args.output)[1].lower().lstrip(".")
+    if extension not in FIGURE_FORMATS:
+        raise SetupError(f"--output {args.output}: use one of the extensions {', '.join(FIGURE_FORMATS)}")
+    runs = list(zip(run_labels(args.runs), [read_metrics(run) for run in args.runs]))
+    buffer = io.BytesIO()
+    curves_figure(runs, args.smooth).savefig(buffer, format=extension)
+    atomic_write(args.output, lambda file: file.write(buffer.getvalue()))
+    logger.info(f"Wrote the curves of {len(runs)} run(s) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Train or evaluate DETR with detectron2's engine.
+
+Run from the repository root with detr_d2 installed (``make install``):
+
+    python tools/train_net.py --config-file configs/detr_r50.yaml [--num-gpus N] [--resume] \
+        [KEY VALUE ...]
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model.pth
+    multi-machine: add --num-machines M --machine-rank R --dist-url tcp://HOST:PORT
+
+On a machine without CUDA add ``MODEL.DEVICE cpu``; ``--num-gpus N`` then starts N
+processes that train together over gloo. Outputs (log.txt, config.yaml, metrics.json,
+TensorBoard events, checkpoints, inference/) go to OUTPUT_DIR.
+
+A problem with the config or the data (unknown key, unregistered dataset, unreadable
+annotation file, missing image, missing weights) is reported as one message without a
+traceback, and the exit status is non-zero.
+"""
+import sys
+
+import detr_d2  # noqa: F401  (first: applies the compat fixes and registers Detr)
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from torch.multiprocessing import ProcessExitedException
+
+from detr_d2.compat import launch
+from detr_d2.data import DatasetError
+from detr_d2.engine import (
+    AtomicDetectionCheckpointer,
+    SetupError,
+    Trainer,
+    build_config,
+    check_training_setup,
+    share_cpu_cores,
+)
+from detr_d2.engine.checks import check_device, check_weights_to_load
+
+USER_ERRORS = (SetupError, DatasetError)
+
+
+def check_run(cfg, args):
+    """The cheap checks of the run (device, AMP, dataset names, weights file)."""
+    if args.eval_only:
+        check_device(cfg)
+    else:
+        check_training_setup(cfg)
+    check_weights_to_load(cfg, args.resume)
+
+
+def evaluate(cfg, resume):
+    """COCO evaluation of MODEL.WEIGHTS (or with ``resume``, OUTPUT_DIR's last checkpoint)."""
+    model = Trainer.build_model(cfg)
+    AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=resume)
+    results = Trainer.test(cfg, model)
+    if comm.is_main_process():
+        verify_results(cfg, results)
+    return results
+
+
+def main(args):
+    """One process of the run: set up logging and OUTPUT_DIR, then train or evaluate.
+
+    ``run`` has checked the config before starting the processes.
+    """
+    cfg = build_config(args.config_file, args.opts)
+    default_setup(cfg, args)
+    share_cpu_cores(cfg)
+    if args.eval_only:
+        return evaluate(cfg, args.resume)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def exit_with(error):
+    sys.exit(f"ERROR: {error}")
+
+
+def main_reporting_user_errors(args):
+    """``main``, ending the process with the message of a config/data error, no traceback."""
+    try:
+        return main(args)
+    except USER_ERRORS as error:
+        exit_with(error)
+
+
+def run(args):
+    """Check the config in this process, then run ``main`` in each process of the job."""
+    try:
+        check_run(build_config(args.config_file, args.opts), args)
+    except USER_ERRORS as error:
+        exit_with(error)
+    try:
+        launch(main_reporting_user_errors, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except ProcessExitedException as error:
+        if error.exit_code is None or error.exit_code <= 0:  # killed by a signal: say so
+            raise
+        sys.exit(error.exit_code)  # the worker printed why it exited
+
+
+if __name__ == "__main__":
+    run(default_argument_parser().parse_args())
