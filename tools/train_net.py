@@ -51,8 +51,9 @@ def check_run(cfg, args):
 def evaluate(cfg, resume):
     """COCO evaluation of MODEL.WEIGHTS (or with ``resume``, OUTPUT_DIR's last checkpoint)."""
     model = Trainer.build_model(cfg)
-    AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-        cfg.MODEL.WEIGHTS, resume=resume)
+    checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    use_last = resume and checkpointer.has_checkpoint()
+    checkpointer.load_for_inference(checkpointer.get_checkpoint_file() if use_last else cfg.MODEL.WEIGHTS)
     results = Trainer.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, results)

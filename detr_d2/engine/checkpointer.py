@@ -49,6 +49,30 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         path = os.path.join(self.save_dir, LAST_CHECKPOINT)
         atomic_write(path, lambda f: f.write(last_filename_basename), binary=False)
 
+    def _load_model(self, checkpoint):
+        """detectron2's loading, remembering what did not fit in ``self.incompatible``."""
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+    def load_for_inference(self, path):
+        """Load ``path`` and require every model tensor from it, with the model's shape.
+
+        Evaluating or drawing with a model whose tensors partly kept their random
+        initialisation gives garbage, so any missing or mis-shaped tensor is an error
+        (training from partial weights stays possible through ``load``/``resume_or_load``).
+        """
+        self.incompatible = None
+        self.load(path)
+        missing = sorted(self.incompatible.missing_keys) if self.incompatible else []
+        if missing:
+            shapes = {key: (ckpt, model) for key, ckpt, model in self.incompatible.incorrect_shapes}
+            listed = [f"{k} (checkpoint {tuple(shapes[k][0])}, model {tuple(shapes[k][1])})" if k in shapes else k
+                      for k in missing]
+            raise SetupError(
+                f"{path} does not fit the model of this config: {len(missing)} tensor(s) missing or of "
+                f"another shape: {', '.join(listed[:8])}{' ...' if len(listed) > 8 else ''}. Use the config "
+                "the checkpoint was trained with (its run's config.yaml) or the matching *_dc5/r101 config.")
+
     def _load_file(self, filename):
         """Checkpoint dict with a "model" key; ``.pkl``/``.pyth`` files as detectron2 reads them."""
         if filename.endswith((".pkl", ".pyth")):

@@ -23,7 +23,7 @@ def load_inference_weights(model, weights):
     if "://" not in weights and not os.path.isfile(weights):
         raise SetupError(f"MODEL.WEIGHTS {weights} does not exist; give the path of a trained checkpoint")
     try:
-        AtomicDetectionCheckpointer(model).load(weights)
+        AtomicDetectionCheckpointer(model).load_for_inference(weights)
     except (OSError, EOFError, RuntimeError) as error:
         raise SetupError(f"Cannot load MODEL.WEIGHTS {weights}: {error}") from error
 
