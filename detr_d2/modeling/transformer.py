@@ -15,27 +15,34 @@ def _with_pos(tensor, pos):
     return tensor if pos is None else tensor + pos
 
 
-class EncoderLayer(nn.Module):
-    """Self-attention + feed-forward over the flattened feature map."""
+class _LayerWithFeedForward(nn.Module):
+    """Shared part of both layer kinds: self-attention, the feed-forward block, ``num_norms``
+    LayerNorms and their dropouts, under the reference's parameter names."""
 
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, pre_norm):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, pre_norm, num_norms):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        for i in range(1, num_norms + 1):
+            setattr(self, f"norm{i}", nn.LayerNorm(d_model))
+            setattr(self, f"dropout{i}", nn.Dropout(dropout))
         self.pre_norm = pre_norm
+
+    def _feed_forward(self, x):
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class EncoderLayer(_LayerWithFeedForward):
+    """Self-attention + feed-forward over the flattened feature map."""
+
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, pre_norm):
+        super().__init__(d_model, nhead, dim_feedforward, dropout, pre_norm, num_norms=2)
 
     def _attend(self, src, padding_mask, pos):
         query = key = _with_pos(src, pos)
         return self.self_attn(query, key, value=src, key_padding_mask=padding_mask, need_weights=False)[0]
-
-    def _feed_forward(self, src):
-        return self.linear2(self.dropout(F.relu(self.linear1(src))))
 
     def forward(self, src, padding_mask, pos):
         if self.pre_norm:
@@ -45,23 +52,12 @@ class EncoderLayer(nn.Module):
         return self.norm2(src + self.dropout2(self._feed_forward(src)))
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_LayerWithFeedForward):
     """Query self-attention, cross-attention to the encoder memory, feed-forward."""
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout, pre_norm):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        super().__init__(d_model, nhead, dim_feedforward, dropout, pre_norm, num_norms=3)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
 
     def _self_attend(self, tgt, query_pos):
         query = key = _with_pos(tgt, query_pos)
@@ -70,9 +66,6 @@ class DecoderLayer(nn.Module):
     def _cross_attend(self, tgt, memory, padding_mask, pos, query_pos):
         return self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), value=memory,
                                    key_padding_mask=padding_mask, need_weights=False)[0]
-
-    def _feed_forward(self, tgt):
-        return self.linear2(self.dropout(F.relu(self.linear1(tgt))))
 
     def forward(self, tgt, memory, padding_mask, pos, query_pos):
         if self.pre_norm:
