@@ -13,6 +13,11 @@ annotated video (same container, frame count and frame rate); and one
 "frame", from 0, for video frames). Class names and category ids come from the metadata
 of the config's datasets (DATASETS.TRAIN, then DATASETS.TEST).
 
+Images may be grayscale, palette, RGBA or 16-bit and carry an EXIF orientation (drawn
+upright); images larger than 4096 px are drawn scaled down (predictions.json keeps the
+original pixels). MODEL.WEIGHTS is read without running code from the file (tensors /
+NumPy arrays only) unless ``--trust-pickle`` is given.
+
 Exit status: 0; 1 if some input could not be read (each is reported, the others are
 processed); 2 on a setup problem (config, weights, datasets), reported in one line.
 """
@@ -69,6 +74,9 @@ def build_parser():
                         help="keep detections scoring at least this (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="read MODEL.WEIGHTS with full unpickling, which runs code from the file: "
+                             "only for files whose origin you trust")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
                         help="config overrides, e.g. --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu")
     return parser
@@ -167,7 +175,7 @@ def main(argv=None):
     cfg = load_tool_config(args.config_file, args.opts)
     metadata = metadata_with_class_names(cfg)
     paths, pattern_failures = expand_inputs(args.input)
-    predictor = BatchPredictor(cfg)
+    predictor = BatchPredictor(cfg, trust_pickle=args.trust_pickle)
     check_class_count(metadata, predictor.num_classes)
     output_paths = OutputPaths(make_output_folder(args.output), paths, reserved={PREDICTIONS_FILE})
     run = DemoRun(predictor, metadata, args.confidence_threshold, args.batch_size, output_paths)

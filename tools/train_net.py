@@ -12,9 +12,14 @@ On a machine without CUDA add ``MODEL.DEVICE cpu``; ``--num-gpus N`` then starts
 processes that train together over gloo. Outputs (log.txt, config.yaml, metrics.json,
 TensorBoard events, checkpoints, inference/) go to OUTPUT_DIR.
 
-A problem with the config or the data (unknown key, unregistered dataset, unreadable
-annotation file, missing image, missing weights) is reported as one message without a
-traceback, and the exit status is non-zero.
+A problem with the config or the data (unknown key, value of the wrong type or range,
+unwritable OUTPUT_DIR, unregistered dataset, unreadable annotation file, missing or
+unreadable image, missing or unusable weights) and a training that diverges (NaN/inf
+losses) are reported as one message without a traceback, and the exit status is non-zero.
+
+Checkpoints (MODEL.WEIGHTS, the last checkpoint with --resume) are read without running
+code from the file: tensors only for .pth, NumPy arrays only for .pkl. ``--trust-pickle``
+allows full unpickling for files whose origin you trust.
 """
 import sys
 
@@ -26,6 +31,7 @@ from torch.multiprocessing import ProcessExitedException
 
 from detr_d2.compat import launch
 from detr_d2.data import DatasetError
+from detr_d2.data.image_io import BadImageError
 from detr_d2.engine import (
     AtomicDetectionCheckpointer,
     SetupError,
@@ -34,24 +40,36 @@ from detr_d2.engine import (
     check_training_setup,
     share_cpu_cores,
 )
-from detr_d2.engine.checks import check_device, check_weights_to_load
+from detr_d2.engine.checks import check_device, check_output_dir, check_weights_to_load
+from detr_d2.engine.failures import NonFiniteValuesError, user_error_message
 
-USER_ERRORS = (SetupError, DatasetError)
+USER_ERRORS = (SetupError, DatasetError, BadImageError, NonFiniteValuesError)
+
+
+def build_parser():
+    """detectron2's ``default_argument_parser`` plus ``--trust-pickle``."""
+    parser = default_argument_parser()
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="read MODEL.WEIGHTS / the resumed checkpoint with full unpickling, which "
+                             "runs code from the file: only for files whose origin you trust (by "
+                             "default only tensors and NumPy arrays are read)")
+    return parser
 
 
 def check_run(cfg, args):
-    """The cheap checks of the run (device, AMP, dataset names, weights file)."""
+    """The cheap checks of the run (device, AMP, dataset names, weights file, OUTPUT_DIR)."""
     if args.eval_only:
         check_device(cfg)
     else:
         check_training_setup(cfg)
     check_weights_to_load(cfg, args.resume)
+    check_output_dir(cfg)
 
 
-def evaluate(cfg, resume):
+def evaluate(cfg, resume, trust_pickle=False):
     """COCO evaluation of MODEL.WEIGHTS (or with ``resume``, OUTPUT_DIR's last checkpoint)."""
     model = Trainer.build_model(cfg)
-    checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    checkpointer = AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR, trust_pickle=trust_pickle)
     use_last = resume and checkpointer.has_checkpoint()
     checkpointer.load_for_inference(checkpointer.get_checkpoint_file() if use_last else cfg.MODEL.WEIGHTS)
     results = Trainer.test(cfg, model)
@@ -69,18 +87,19 @@ def main(args):
     default_setup(cfg, args)
     share_cpu_cores(cfg)
     if args.eval_only:
-        return evaluate(cfg, args.resume)
-    trainer = Trainer(cfg)
+        return evaluate(cfg, args.resume, args.trust_pickle)
+    trainer = Trainer(cfg, trust_pickle=args.trust_pickle)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
 def exit_with(error):
-    sys.exit(f"ERROR: {error}")
+    sys.exit(f"ERROR: {user_error_message(error)}")
 
 
 def main_reporting_user_errors(args):
-    """``main``, ending the process with the message of a config/data error, no traceback."""
+    """``main``, ending the process with the message of a config/data/divergence error, no
+    traceback."""
     try:
         return main(args)
     except USER_ERRORS as error:
@@ -103,4 +122,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    run(default_argument_parser().parse_args())
+    run(build_parser().parse_args())

@@ -7,6 +7,11 @@ of ``INPUT.CROP.PRE_RESIZE_SIZES`` (no longest-edge limit) and take a random cro
 ``INPUT.MIN_SIZE_TRAIN``, the longest edge at most ``INPUT.MAX_SIZE_TRAIN``.
 Test: resize the shortest edge to ``INPUT.MIN_SIZE_TEST``, longest at most
 ``INPUT.MAX_SIZE_TEST``.
+
+Images are read with ``image_io.read_image`` (EXIF orientation applied, grayscale /
+palette / RGBA / 16-bit files converted to ``INPUT.FORMAT``); a file that cannot be read
+or whose size differs from its record raises ``BadImageError`` naming the file, image id
+and dataset (records carry "dataset_name" when loaded by the Trainer).
 """
 import copy
 import logging
@@ -17,6 +22,7 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from detr_d2.data.image_io import BadImageError, ImageNotFoundError, read_image
 from detr_d2.data.transforms import RandomApplyList
 
 __all__ = ["DetrDatasetMapper", "build_detr_augmentation"]
@@ -83,7 +89,7 @@ class DetrDatasetMapper:
             augmentations (list[Augmentation or Transform]): applied in order to the image
                 and its boxes, e.g. ``build_detr_augmentation(cfg, is_train)``.
             image_format (str): channel order of "image", any format of
-                ``detection_utils.read_image`` ("RGB" for DETR).
+                ``image_io.read_image`` ("RGB" for DETR).
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -101,18 +107,39 @@ class DetrDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
         }
 
+    @staticmethod
+    def _where(dataset_dict):
+        """The record's file, image id and (if known) dataset, for messages."""
+        dataset = dataset_dict.get("dataset_name")
+        of_dataset = f" of dataset {dataset!r}" if dataset else ""
+        return f"{dataset_dict['file_name']} (image_id {dataset_dict.get('image_id')!r}{of_dataset})"
+
     def _read_image(self, dataset_dict):
-        """HWC uint8 image of the record, EXIF orientation applied; clear error if unreadable."""
-        file_name = dataset_dict["file_name"]
-        where = f"{file_name} (image_id {dataset_dict.get('image_id')!r})"
+        """HWC uint8 image of the record (``image_io.read_image``: EXIF orientation applied,
+        any pixel format to ``image_format``), of the size the record says.
+
+        Raises:
+            BadImageError (ImageNotFoundError for a missing file) naming the file, the
+            image id and the dataset, and what to do.
+        """
+        where = self._where(dataset_dict)
         try:
-            return utils.read_image(file_name, format=self.image_format)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
+            image = read_image(dataset_dict["file_name"], format=self.image_format)
+        except ImageNotFoundError as e:
+            raise ImageNotFoundError(
                 f"Image file not found: {where}; check DATASETS and the image root the "
-                "dataset was registered with") from e
-        except OSError as e:
-            raise OSError(f"Cannot read image {where}: {e}") from e
+                "dataset was registered with", e.reason) from e
+        except BadImageError as e:
+            raise BadImageError(f"Cannot read image {where}: {e.reason}. Replace the file or "
+                                "remove the image from the dataset's annotations.", e.reason) from e
+        try:
+            utils.check_image_size(dataset_dict, image)
+        except utils.SizeMismatchError as e:
+            raise BadImageError(f"Image {where} is {image.shape[1]}x{image.shape[0]} pixels (width x "
+                                f"height, after EXIF orientation) but its record says "
+                                f"{dataset_dict.get('width')}x{dataset_dict.get('height')}; fix width/"
+                                "height in the annotation file.", str(e)) from e
+        return image
 
     @staticmethod
     def _annotations_to_instances(annotations, transforms, image_shape):
@@ -121,6 +148,9 @@ class DetrDatasetMapper:
         for anno in annos:  # DETR learns boxes only
             anno.pop("segmentation", None)
             anno.pop("keypoints", None)
+            # detectron2 transforms integer boxes in integer arrays, truncating every scaled
+            # coordinate (a 2000-px offset scaled by 96/9000 became 21, not 21.33)
+            anno["bbox"] = [float(v) for v in anno["bbox"]]
         annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
         return utils.filter_empty_instances(utils.annotations_to_instances(annos, image_shape))
 
@@ -135,7 +165,6 @@ class DetrDatasetMapper:
         """
         dataset_dict = copy.deepcopy(dataset_dict)
         image = self._read_image(dataset_dict)
-        utils.check_image_size(dataset_dict, image)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image

@@ -2,11 +2,13 @@
 from detr_d2.engine.checkpointer import AtomicDetectionCheckpointer
 from detr_d2.engine.checks import SetupError, merge_config
 from detr_d2.engine.defaults import build_config, share_cpu_cores
+from detr_d2.engine.failures import NonFiniteValuesError
 from detr_d2.engine.optimizer import build_detr_optimizer, detr_param_groups
 from detr_d2.engine.trainer import Trainer, check_training_setup
 
 __all__ = [
     "AtomicDetectionCheckpointer",
+    "NonFiniteValuesError",
     "SetupError",
     "Trainer",
     "build_config",

@@ -5,7 +5,10 @@ raises ``SetupError`` naming the culprit (a config key, a dataset name, a file) 
 fix. ``tools/train_net.py`` prints that message without a traceback and exits non-zero.
 """
 import difflib
+import math
 import os
+import re
+import tempfile
 
 import torch
 import yaml
@@ -17,6 +20,8 @@ from detr_d2.data import validate_coco_dataset
 __all__ = [
     "SetupError",
     "merge_config",
+    "check_model_config",
+    "check_output_dir",
     "check_device",
     "check_amp",
     "check_weights_file",
@@ -96,12 +101,28 @@ def _load_config_file(config_file):
                          f"YAML: {e}") from e
 
 
+_TYPE_MISMATCH = re.compile(r"Type mismatch \(<class '(\w+)'> vs\. <class '(\w+)'>\) with values "
+                            r"\((.*) vs\. (.*)\) for config key: (\S+)", re.DOTALL)
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "True or False", "str": "a string",
+               "tuple": "a tuple, e.g. (1, 2)", "list": "a list, e.g. [1, 2]"}
+
+
+def _type_mismatch_message(error, source):
+    """yacs' "Type mismatch" complaint as: key, value given, type expected, example; or None."""
+    match = _TYPE_MISMATCH.search(str(error))
+    if not match:
+        return None
+    expected, given, default, value, key = match.groups()
+    return (f"{key} must be {_TYPE_WORDS.get(expected, 'of type ' + expected)} but {source} gives "
+            f"{value} ({_TYPE_WORDS.get(given, given)}); write it like its default, e.g. {key} {default}.")
+
+
 def _merge(merge_fn, source):
     """Run a CfgNode merge, reporting yacs' own complaints (e.g. a type mismatch) by source."""
     try:
         merge_fn()
     except (KeyError, ValueError, AssertionError, TypeError) as e:
-        raise SetupError(f"Cannot apply {source}: {e}") from e
+        raise SetupError(_type_mismatch_message(e, source) or f"Cannot apply {source}: {e}") from e
 
 
 def merge_config(cfg, config_file, opts):
@@ -120,8 +141,63 @@ def merge_config(cfg, config_file, opts):
             raise SetupError(f"Command-line overrides come in KEY VALUE pairs; got an odd "
                              f"number of words: {' '.join(opts)}")
         _raise_on_unknown_keys(cfg, opts[0::2], "the command line")
-        _merge(lambda: cfg.merge_from_list(opts), "the command-line overrides")
+        _merge(lambda: cfg.merge_from_list(opts), "the command line")
     return cfg
+
+
+# ---------------------------------------------------------------- values
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(condition, key, value, rule, fix):
+    if not condition:
+        raise SetupError(f"{key} is {value!r} but must be {rule}; {fix}")
+
+
+def check_model_config(cfg):
+    """Values of MODEL.DETR and SOLVER that would fail deep inside model building or training.
+
+    NUM_CLASSES unset or a positive integer; HIDDEN_DIM divisible by NHEADS (and by 4 for
+    sine position embeddings); positive layer, query and batch sizes; DROPOUT in [0, 1);
+    a non-negative, finite BASE_LR.
+    """
+    detr, solver = cfg.MODEL.DETR, cfg.SOLVER
+    num_classes = detr.NUM_CLASSES
+    _require(num_classes is None or (_is_int(num_classes) and num_classes >= 1),
+             "MODEL.DETR.NUM_CLASSES", num_classes, "a positive integer (object classes, without the "
+             "no-object class)", "remove the key to take the count from DATASETS.TRAIN, or fix it")
+    for key in ("HIDDEN_DIM", "NHEADS", "NUM_OBJECT_QUERIES", "DIM_FEEDFORWARD", "DEC_LAYERS"):
+        _require(_is_int(detr[key]) and detr[key] >= 1, f"MODEL.DETR.{key}", detr[key],
+                 "a positive integer", "fix the value")
+    _require(_is_int(detr.ENC_LAYERS) and detr.ENC_LAYERS >= 0, "MODEL.DETR.ENC_LAYERS",
+             detr.ENC_LAYERS, "an integer >= 0", "fix the value")
+    _require(detr.HIDDEN_DIM % detr.NHEADS == 0, "MODEL.DETR.HIDDEN_DIM", detr.HIDDEN_DIM,
+             f"divisible by MODEL.DETR.NHEADS ({detr.NHEADS}): each attention head gets "
+             "HIDDEN_DIM / NHEADS channels",
+             f"e.g. MODEL.DETR.HIDDEN_DIM {max(detr.HIDDEN_DIM // detr.NHEADS, 1) * detr.NHEADS}")
+    multiple = 4 if detr.POSITION_EMBEDDING == "sine" else 2  # y/x halves; sin/cos pairs
+    _require(detr.HIDDEN_DIM % multiple == 0, "MODEL.DETR.HIDDEN_DIM", detr.HIDDEN_DIM,
+             f"a multiple of {multiple} with MODEL.DETR.POSITION_EMBEDDING {detr.POSITION_EMBEDDING!r} "
+             "(the position features are split between y and x)", "fix the value")
+    _require(0.0 <= detr.DROPOUT < 1.0, "MODEL.DETR.DROPOUT", detr.DROPOUT, "in [0, 1)", "fix the value")
+    _require(math.isfinite(solver.BASE_LR) and solver.BASE_LR >= 0, "SOLVER.BASE_LR", solver.BASE_LR,
+             "a finite number >= 0", "fix the value")
+    _require(solver.IMS_PER_BATCH >= 1, "SOLVER.IMS_PER_BATCH", solver.IMS_PER_BATCH,
+             "at least 1", "fix the value")
+
+
+def check_output_dir(cfg):
+    """OUTPUT_DIR must be a folder this process can create and write files in."""
+    folder = cfg.OUTPUT_DIR
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SetupError(f"OUTPUT_DIR {folder} cannot be written ({e.strerror or e}: "
+                         f"{e.filename or folder}); choose another OUTPUT_DIR, e.g. "
+                         "`OUTPUT_DIR ./output`.") from e
 
 
 # ---------------------------------------------------------------- device, AMP, weights
@@ -192,16 +268,34 @@ def _layout_hint(name):
     return "Check the json_file and image_root the dataset was registered with."
 
 
+def _file_size(path):
+    """Size in bytes of a local file; None if it does not exist; -1 for URLs (not checked)."""
+    if "://" in path:
+        return -1
+    try:
+        return os.stat(path).st_size if os.path.isfile(path) else None
+    except OSError:
+        return None
+
+
+def _listed(paths):
+    return ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
 def _check_image_files(name, dicts):
-    """Every local image of the dataset must exist."""
-    missing = [d["file_name"] for d in dicts
-               if "://" not in d["file_name"] and not os.path.isfile(d["file_name"])]
+    """Every local image of the dataset must exist and not be empty (one stat per file)."""
+    sizes = [(d["file_name"], _file_size(d["file_name"])) for d in dicts]
+    missing = [path for path, size in sizes if size is None]
+    image_root = MetadataCatalog.get(name).get("image_root", "its image folder")
     if missing:
-        image_root = MetadataCatalog.get(name).get("image_root", "its image folder")
-        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise SetupError(f"Dataset {name!r}: {len(missing)} of {len(dicts)} image files do not "
-                         f"exist: {shown}. Images are read from {image_root}. "
+                         f"exist: {_listed(missing)}. Images are read from {image_root}. "
                          f"{_layout_hint(name)}")
+    empty = [path for path, size in sizes if size == 0]
+    if empty:
+        raise SetupError(f"Dataset {name!r}: {len(empty)} of {len(dicts)} image files are empty "
+                         f"(0 bytes): {_listed(empty)}. Replace them, or remove those images from "
+                         "the dataset's annotation file.")
 
 
 def load_dataset_dicts(name):
@@ -211,7 +305,8 @@ def load_dataset_dicts(name):
     coco_* names and DATASETS.REGISTER_COCO entries) is first checked by
     ``validate_coco_dataset``, which raises DatasetError for an annotation file that does
     not parse or has defects. Raises SetupError if the annotation file is missing, the
-    dataset is empty, or one of its image files does not exist.
+    dataset is empty, or one of its image files does not exist or is empty. Each record
+    gets "dataset_name" (``name``), which error messages about its image use.
     """
     metadata = MetadataCatalog.get(name)
     if metadata.get("json_file", None) and metadata.get("image_root", None):
@@ -223,4 +318,6 @@ def load_dataset_dicts(name):
     if not dicts:
         raise SetupError(f"Dataset {name!r} has no images.")
     _check_image_files(name, dicts)
+    for record in dicts:  # so that an image that fails to read later is named with its dataset
+        record.setdefault("dataset_name", name)
     return dicts

@@ -9,7 +9,7 @@ from detectron2.utils import comm
 
 from detr_d2.config import add_detr_config
 from detr_d2.data import register_datasets_from_config, resolve_num_classes
-from detr_d2.engine.checks import check_dataset_names, merge_config
+from detr_d2.engine.checks import check_dataset_names, check_model_config, merge_config
 
 __all__ = ["build_config", "share_cpu_cores"]
 
@@ -18,7 +18,8 @@ def build_config(config_file, opts):
     """The frozen config of a run, every step checked with a message naming the culprit.
 
     detectron2's defaults + detr_d2's keys (``add_detr_config``), then
-    ``config_file``, then the ``KEY VALUE`` list ``opts``; the DATASETS.REGISTER_COCO
+    ``config_file``, then the ``KEY VALUE`` list ``opts``; values checked
+    (``check_model_config``); the DATASETS.REGISTER_COCO
     datasets are registered, every DATASETS.TRAIN/TEST name must be registered, and
     MODEL.DETR.NUM_CLASSES is taken from the data when unset.
 
@@ -28,6 +29,7 @@ def build_config(config_file, opts):
     cfg = get_cfg()
     add_detr_config(cfg)
     merge_config(cfg, config_file, opts)
+    check_model_config(cfg)
     register_datasets_from_config(cfg)
     check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     check_dataset_names(cfg.DATASETS.TEST, "DATASETS.TEST")

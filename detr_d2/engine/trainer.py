@@ -8,7 +8,11 @@ Differences from DefaultTrainer:
 - DistributedDataParallel is built with ``compat.ddp_device_ids`` so that multi-process
   training also runs on CPU (gloo);
 - checkpoints are written atomically (``AtomicDetectionCheckpointer``) and hold the
-  optimizer (and AMP grad-scaler) state besides the iteration and LR scheduler;
+  optimizer (and AMP grad-scaler) state besides the iteration and LR scheduler; they are
+  read without running code from the file unless ``trust_pickle``; temporary files left
+  by a killed run are removed when resuming;
+- NaN/inf predictions, losses or weights stop training with a message naming the
+  iteration and the loss terms; the last checkpoint stays the last good one (``failures``);
 - evaluation: COCOEvaluator (bbox) into ``OUTPUT_DIR/inference``;
 - console: every loss, ``class_error`` and ``cardinality_error`` (``MetricPrinter``).
 """
@@ -26,7 +30,7 @@ from detectron2.data.build import (
     filter_images_with_only_crowd_annotations,
     print_instances_class_histogram,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer
+from detectron2.engine import DefaultTrainer
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver import build_lr_scheduler
@@ -36,6 +40,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from detr_d2 import compat
+from detr_d2.checkpoint.io import remove_stale_temporary_files
 from detr_d2.data import DetrDatasetMapper
 from detr_d2.engine.checkpointer import AtomicDetectionCheckpointer
 from detr_d2.engine.checks import (
@@ -45,6 +50,13 @@ from detr_d2.engine.checks import (
     check_device,
     check_weights_to_load,
     load_dataset_dicts,
+)
+from detr_d2.engine.failures import (
+    DetrAMPTrainer,
+    DetrSimpleTrainer,
+    NonFiniteValuesError,
+    install_one_line_errors,
+    install_output_check,
 )
 from detr_d2.engine.optimizer import build_detr_optimizer
 from detr_d2.engine.writers import MetricPrinter
@@ -111,8 +123,11 @@ class Trainer(DefaultTrainer):
         trainer.train()
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, trust_pickle=False):
         """Build data, model, optimizer, LR scheduler, checkpointer and hooks from ``cfg``.
+
+        ``trust_pickle``: read MODEL.WEIGHTS / resumed checkpoints with full unpickling,
+        which runs code from the file (the ``--trust-pickle`` flag of tools/train_net.py).
 
         Sets the attributes DefaultTrainer sets (``_trainer`` holding model, data_loader and
         optimizer; scheduler, checkpointer, start_iter, max_iter, cfg) without calling
@@ -128,12 +143,14 @@ class Trainer(DefaultTrainer):
             load_dataset_dicts(name)
         data_loader = self.build_train_loader(cfg)
         model = self.build_model(cfg)
+        install_output_check(model)
+        install_one_line_errors()
         optimizer = self.build_optimizer(cfg, model)
         model = wrap_ddp(model, cfg.MODEL.DEVICE)
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        trainer_cls = DetrAMPTrainer if cfg.SOLVER.AMP.ENABLED else DetrSimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR,
+        self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trust_pickle=trust_pickle,
                                                         trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -141,9 +158,41 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
-        """Resume from OUTPUT_DIR's last checkpoint, or load MODEL.WEIGHTS (checked to exist)."""
+        """Resume from OUTPUT_DIR's last checkpoint, or load MODEL.WEIGHTS (checked to exist).
+
+        When resuming, the temporary files of checkpoints a killed run did not finish are
+        deleted first (the checkpoints they were to become were never in place).
+        """
         check_weights_to_load(self.cfg, resume)
+        if resume and comm.is_main_process():
+            removed = remove_stale_temporary_files(self.cfg.OUTPUT_DIR)
+            if removed:
+                logger.warning(f"Removed {len(removed)} unfinished checkpoint file(s) of an interrupted "
+                               f"run from {self.cfg.OUTPUT_DIR}: {', '.join(removed)}")
         super().resume_or_load(resume=resume)
+
+    def train(self):
+        """Train from ``start_iter`` to ``max_iter`` (see DefaultTrainer.train).
+
+        Raises:
+            NonFiniteValuesError: NaN/inf predictions, losses or weights; the message names
+                the iteration and the terms, and which checkpoint to restart from.
+        """
+        try:
+            return super().train()
+        except NonFiniteValuesError as error:
+            raise NonFiniteValuesError(f"{error}. {self._restart_hint()}") from None
+
+    def _restart_hint(self):
+        """Which checkpoint is intact, and how to go on from it."""
+        if not self.checkpointer.has_checkpoint():
+            return ("Training stopped; no checkpoint had been written. Lower SOLVER.BASE_LR or enable "
+                    "SOLVER.CLIP_GRADIENTS, or check the data.")
+        last = self.checkpointer.get_checkpoint_file()
+        return (f"Training stopped. The last checkpoint, {last}, is intact (written before the failure). "
+                "To go on with other settings (e.g. a lower SOLVER.BASE_LR, or SOLVER.CLIP_GRADIENTS."
+                f"ENABLED True), start a new run with MODEL.WEIGHTS {last} (--resume restores the optimizer "
+                "and LR schedule saved in it).")
 
     def state_dict(self):
         """Iteration, hook states (LR scheduler) and, under "_trainer", the optimizer state.

@@ -6,8 +6,10 @@ import os
 from dataclasses import dataclass
 
 import cv2
-from detectron2.data.detection_utils import convert_PIL_to_numpy, read_image
-from PIL import Image, UnidentifiedImageError
+from detectron2.data.detection_utils import convert_PIL_to_numpy
+from PIL import Image
+
+from detr_d2.data.image_io import BadImageError, read_image
 
 __all__ = ["IMAGE_EXTENSIONS", "VIDEO_FOURCC", "InputFailure", "OutputPaths", "UnreadableInput",
            "batched", "expand_inputs", "frame_in_format", "is_video", "open_video", "read_frames",
@@ -83,21 +85,14 @@ def batched(iterable, size):
         yield batch
 
 
-def _unreadable_reason(error):
-    if isinstance(error, FileNotFoundError):
-        return "file does not exist"
-    if isinstance(error, UnidentifiedImageError):
-        return "not a decodable image (empty file, or not an image format)"
-    return f"{type(error).__name__}: {error}"
-
-
 def read_input_image(path, image_format):
-    """HWC uint8 image of ``path`` in ``image_format`` (e.g. "RGB"), read with detectron2's
-    ``read_image`` (EXIF orientation applied); raises UnreadableInput with the reason."""
+    """HWC uint8 image of ``path`` in ``image_format`` (e.g. "RGB"), read with
+    ``image_io.read_image`` (EXIF orientation applied; grayscale, palette, RGBA and 16-bit
+    files converted); raises UnreadableInput with the reason."""
     try:
         return read_image(path, format=image_format)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise UnreadableInput(_unreadable_reason(error)) from error
+    except BadImageError as error:
+        raise UnreadableInput(error.reason) from error
 
 
 def open_video(path):

@@ -4,6 +4,7 @@ import json
 import os
 
 import cv2
+from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 
 from detr_d2.engine import SetupError
@@ -13,9 +14,30 @@ from detr_d2.utils.inputs import VIDEO_FOURCC
 __all__ = ["AtomicVideoWriter", "coco_records", "draw_predictions", "write_json", "write_png"]
 
 
-def draw_predictions(image_rgb, instances, metadata):
-    """HWC uint8 RGB image (same size as ``image_rgb``) with the boxes of ``instances``
-    (``pred_boxes`` xyxy absolute pixels of that image) labelled "class score%"."""
+MAX_DRAWING_SIDE = 4096  # larger images are drawn scaled down (matplotlib time and memory)
+
+
+def drawing_scale(height, width, max_side=MAX_DRAWING_SIDE):
+    """Factor (<= 1) that brings the longer side of a height x width image to ``max_side``."""
+    return min(1.0, max_side / max(height, width))
+
+
+def draw_predictions(image_rgb, instances, metadata, max_side=MAX_DRAWING_SIDE):
+    """HWC uint8 RGB image with the boxes of ``instances`` (``pred_boxes`` xyxy absolute
+    pixels of ``image_rgb``) labelled "class score%".
+
+    The drawing has the size of ``image_rgb``, except that an image whose longer side
+    exceeds ``max_side`` is drawn scaled down to it (detectron2's Visualizer renders
+    through matplotlib: a 12000x9000 image took over a minute and 13 GB).
+    """
+    scale = drawing_scale(*image_rgb.shape[:2], max_side=max_side)
+    if scale < 1.0:
+        size = (round(image_rgb.shape[1] * scale), round(image_rgb.shape[0] * scale))
+        image_rgb = cv2.resize(image_rgb, size, interpolation=cv2.INTER_AREA)
+        scaled = Instances(image_rgb.shape[:2], **instances.get_fields())
+        scaled.pred_boxes = instances.pred_boxes.clone()
+        scaled.pred_boxes.scale(scale, scale)
+        instances = scaled
     return Visualizer(image_rgb, metadata).draw_instance_predictions(instances).get_image()
 
 

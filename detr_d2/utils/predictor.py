@@ -12,27 +12,29 @@ from detr_d2.engine.checks import check_device
 __all__ = ["BatchPredictor", "build_inference_model", "confident", "load_inference_weights"]
 
 
-def load_inference_weights(model, weights):
-    """Load the checkpoint ``weights`` (MODEL.WEIGHTS) into ``model``.
+def load_inference_weights(model, weights, trust_pickle=False):
+    """Load the checkpoint ``weights`` (MODEL.WEIGHTS) into ``model``; every tensor must fit.
 
     The one place where the inference tools read weights. An empty path, a missing local
-    file or a file that does not load raises SetupError."""
+    file, a file that is not a usable checkpoint (truncated, not a checkpoint, holding
+    Python objects other than tensors/arrays unless ``trust_pickle``, of another model)
+    raises SetupError naming the file."""
     if not weights:
         raise SetupError("MODEL.WEIGHTS is empty: give a trained checkpoint, e.g. "
                          "--opts MODEL.WEIGHTS output/model_final.pth")
     if "://" not in weights and not os.path.isfile(weights):
         raise SetupError(f"MODEL.WEIGHTS {weights} does not exist; give the path of a trained checkpoint")
     try:
-        AtomicDetectionCheckpointer(model).load_for_inference(weights)
+        AtomicDetectionCheckpointer(model, trust_pickle=trust_pickle).load_for_inference(weights)
     except (OSError, EOFError, RuntimeError) as error:
         raise SetupError(f"Cannot load MODEL.WEIGHTS {weights}: {error}") from error
 
 
-def build_inference_model(cfg):
+def build_inference_model(cfg, trust_pickle=False):
     """The config's model on MODEL.DEVICE, MODEL.WEIGHTS loaded, in eval mode."""
     check_device(cfg)
     model = build_model(cfg)
-    load_inference_weights(model, cfg.MODEL.WEIGHTS)
+    load_inference_weights(model, cfg.MODEL.WEIGHTS, trust_pickle)
     return model.eval()
 
 
@@ -45,10 +47,11 @@ class BatchPredictor:
     """Runs the config's model on batches of images, like detectron2's DefaultPredictor
     does on one: each image (HWC uint8, channels in INPUT.FORMAT) is resized with the
     test-time ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST) and passed with
-    its original "height"/"width", so boxes come back in the original image's pixels."""
+    its original "height"/"width", so boxes come back in the original image's pixels.
+    ``trust_pickle``: see ``load_inference_weights``."""
 
-    def __init__(self, cfg):
-        self.model = build_inference_model(cfg)
+    def __init__(self, cfg, trust_pickle=False):
+        self.model = build_inference_model(cfg, trust_pickle)
         self.image_format = cfg.INPUT.FORMAT
         self.resize = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
 

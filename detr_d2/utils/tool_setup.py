@@ -16,6 +16,7 @@ from detectron2.utils.logger import setup_logger
 from detr_d2.config import add_detr_config
 from detr_d2.data import DatasetError, register_datasets_from_config
 from detr_d2.engine import SetupError, merge_config
+from detr_d2.engine.checks import check_model_config
 
 __all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "check_class_count", "fraction", "load_tool_config",
            "make_output_folder", "metadata_with_class_names", "positive_int", "run_tool",
@@ -50,11 +51,13 @@ def load_tool_config(config_file, opts):
     """Frozen config: detectron2's defaults + detr_d2's keys, then ``config_file``, then the
     ``KEY VALUE`` list ``opts``; the COCO-json datasets of DATASETS.REGISTER_COCO registered.
 
-    Unknown keys, unreadable files and bad dataset entries raise SetupError/DatasetError.
+    Unknown keys, values of the wrong type or range (``check_model_config``), unreadable
+    files and bad dataset entries raise SetupError/DatasetError.
     """
     cfg = get_cfg()
     add_detr_config(cfg)
     merge_config(cfg, config_file, opts)
+    check_model_config(cfg)
     register_datasets_from_config(cfg)
     cfg.freeze()
     return cfg

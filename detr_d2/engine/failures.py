@@ -1,0 +1,151 @@
+"""How training stops when it cannot go on: NaN/inf losses or weights, unusable data.
+
+Non-finite numbers: detectron2 raises ``FloatingPointError`` when the *sum* of the losses
+is not finite, but DETR fails before that: NaN/inf predictions make the Hungarian matcher
+(scipy) raise "matrix contains invalid numeric entries". Here training stops (it does not
+skip the step) with ``NonFiniteValuesError`` naming the iteration and the loss terms:
+
+* the predictions fed to the criterion are checked (a forward pre-hook on
+  ``model.criterion``, installed by the Trainer): NaN/inf class logits make ``loss_ce``
+  non-finite, NaN/inf boxes ``loss_bbox`` and ``loss_giou`` (suffix ``_<layer>`` for the
+  auxiliary decoder layers, as the logs name them);
+* the loss terms themselves are checked before detectron2 writes them
+  (``DetrSimpleTrainer`` / ``DetrAMPTrainer``);
+* ``AtomicDetectionCheckpointer`` refuses to save NaN/inf weights, so ``last_checkpoint``
+  stays the last good one.
+
+Errors whose message says everything (these, bad images, setup errors) are logged by
+detectron2's training loop as one line instead of a traceback (``install_one_line_errors``).
+"""
+import logging
+import math
+import re
+
+import torch
+from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.utils.events import get_event_storage
+
+from detr_d2.data.image_io import BadImageError
+from detr_d2.engine.checks import SetupError
+
+__all__ = ["DetrAMPTrainer", "DetrSimpleTrainer", "NonFiniteValuesError", "check_finite_losses",
+           "install_one_line_errors", "install_output_check", "non_finite_tensors", "user_error_message"]
+
+
+class NonFiniteValuesError(FloatingPointError):
+    """NaN or infinite losses or weights; the message names them and the iteration."""
+
+
+def non_finite_tensors(state_dict):
+    """Names of the floating-point tensors of ``state_dict`` holding a NaN or inf."""
+    return [name for name, value in state_dict.items()
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def check_finite_losses(loss_dict, iteration):
+    """Raise NonFiniteValuesError naming ``iteration`` and each NaN/inf term of ``loss_dict``.
+
+    ``loss_dict``: {name: scalar tensor}, as the model returns it in training.
+    """
+    values = {name: float(value.detach()) for name, value in loss_dict.items()}
+    bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteValuesError(f"iteration {iteration}: non-finite loss terms {', '.join(bad)}")
+
+
+def _current_iteration():
+    try:
+        return get_event_storage().iter
+    except AssertionError:  # no EventStorage: not inside a training loop
+        return "?"
+
+
+def _terms_of_non_finite_outputs(logits, boxes, deep_supervision):
+    """Loss terms that NaN/inf in ``logits`` [L, B, Q, K+1] / ``boxes`` [L, B, Q, 4] spoil."""
+    last = len(logits) - 1
+    terms = []
+    for layer in range(len(logits)) if deep_supervision else [last]:
+        suffix = "" if layer == last else f"_{layer}"
+        if not torch.isfinite(logits[layer]).all():
+            terms.append(f"loss_ce{suffix}")
+        if not torch.isfinite(boxes[layer]).all():
+            terms += [f"loss_bbox{suffix}", f"loss_giou{suffix}"]
+    return terms
+
+
+def _check_criterion_inputs(criterion, args):
+    """Forward pre-hook of DETR's criterion(logits, boxes, targets): predictions must be finite."""
+    logits, boxes = args[0], args[1]
+    terms = _terms_of_non_finite_outputs(logits, boxes, getattr(criterion, "deep_supervision", True))
+    if terms:
+        raise NonFiniteValuesError(
+            f"iteration {_current_iteration()}: non-finite loss terms {', '.join(terms)} (the "
+            "model's predictions hold NaN/inf, so the matching and the losses cannot be computed)")
+
+
+def install_output_check(model):
+    """Check the predictions ``model.criterion`` receives in training; the hook handle or None.
+
+    ``model`` is the bare model (not DistributedDataParallel); models without a
+    ``criterion`` module are left alone.
+    """
+    criterion = getattr(model, "criterion", None)
+    if not isinstance(criterion, torch.nn.Module):
+        return None
+    return criterion.register_forward_pre_hook(_check_criterion_inputs)
+
+
+class _FiniteLossCheck:
+    """Mixin for detectron2's trainers: check the loss terms before they are written."""
+
+    def _write_metrics(self, loss_dict, *args, **kwargs):
+        check_finite_losses(loss_dict, self.iter)
+        super()._write_metrics(loss_dict, *args, **kwargs)
+
+
+class DetrSimpleTrainer(_FiniteLossCheck, SimpleTrainer):
+    """SimpleTrainer whose non-finite-loss error names the iteration and the terms."""
+
+
+class DetrAMPTrainer(_FiniteLossCheck, AMPTrainer):
+    """AMPTrainer whose non-finite-loss error names the iteration and the terms."""
+
+
+# ---------------------------------------------------------------- messages
+ONE_LINE_ERRORS = (NonFiniteValuesError, BadImageError, SetupError)
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception): ")
+
+
+def user_error_message(error):
+    """The message of ``error`` for the user, without tracebacks.
+
+    An error re-raised from a DataLoader worker carries the worker's traceback in its
+    message: only the original message (its last line) is kept. FloatingPointErrors
+    keep their type name in front.
+    """
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        text = _EXCEPTION_LINE.sub("", text.splitlines()[-1])
+    return f"FloatingPointError: {text}" if isinstance(error, FloatingPointError) else text
+
+
+class OneLineTrainingErrors(logging.Filter):
+    """Logs the errors of ONE_LINE_ERRORS that stop detectron2's training loop as one line.
+
+    detectron2's ``TrainerBase.train`` logs every exception with its traceback ("Exception
+    during training:"); for these errors the message says what happened and what to do.
+    """
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ONE_LINE_ERRORS):
+            record.msg, record.args = f"Training stopped: {user_error_message(error)}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def install_one_line_errors():
+    """Add ``OneLineTrainingErrors`` to detectron2's training-loop logger (once)."""
+    logger = logging.getLogger("detectron2.engine.train_loop")
+    if not any(isinstance(f, OneLineTrainingErrors) for f in logger.filters):
+        logger.addFilter(OneLineTrainingErrors())
