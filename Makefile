@@ -1,4 +1,5 @@
-# detr_d2: `make install`, `make test`, `make demo`.
+# detr_d2: `make install`, `make test`, `make demo` (and `make pretrain`, which rebuilds the
+# checkpoint the demo starts from).
 # Everything installs into .venv (Python 3.11) in the repository root. Idempotent: a
 # stamp records the install, and it is redone only when setup.py or the installer change.
 
@@ -11,7 +12,11 @@ PIP_NET := --timeout 30 --retries 1
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test clean-venv
+PRETRAIN_DATA := datasets/shapes_pretrain
+PRETRAIN_RUN := output/shapes_detr_pretrain
+BUNDLED := checkpoints/shapes_detr_tiny.pth
+
+.PHONY: install test demo pretrain clean-venv
 
 install: $(STAMP)
 
@@ -30,6 +35,20 @@ $(STAMP): setup.py scripts/install_detectron2.py Makefile
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The embedded demo: fine-tune the bundled checkpoint on a new 2-class set, evaluate, draw.
+demo: install
+	$(PY) tools/run_demo.py
+
+# Rebuild $(BUNDLED) from nothing (about 2 h on 2 CPU cores): the 6-class pretraining
+# shapes, the tiny CNN backbone's CenterNet pretraining, DETR on top, then the slim copy.
+pretrain: install
+	$(PY) datasets/prepare_shapes.py --preset pretrain --splits train:4000,val:200 --output $(PRETRAIN_DATA)
+	$(PY) tools/pretrain_backbone.py --dataset-dir $(PRETRAIN_DATA) --max-iter 2400 --max-minutes 0 \
+	  --eval-period 400 --output output/shapes_backbone/backbone.pth
+	OMP_NUM_THREADS=1 $(PY) tools/train_net.py --config-file configs/shapes/detr_tiny_pretrain.yaml
+	$(PY) tools/slim_checkpoint.py --input $(PRETRAIN_RUN)/model_final.pth --output $(BUNDLED) \
+	  --metrics $(PRETRAIN_RUN)/metrics.json --config $(PRETRAIN_RUN)/config.yaml
 
 clean-venv:
 	rm -rf $(VENV)
