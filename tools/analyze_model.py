@@ -150,6 +150,7 @@ def main(argv=None):
     setup_tool_logging()
     cfg = load_tool_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
     model = build_model(cfg).eval()
+    model.set_fast_paths(False)  # count the reference computation (conv and norm apart)
     report = analysis_report(model, flop_analysis(model, *args.input_size), args.config_file, args.input_size)
     print(report_table(report))
     if args.json:

@@ -11,13 +11,20 @@ update:
   their joint norm (``NORM_TYPE``) is at most ``CLIP_VALUE`` (the reference's
   ``clip_max_norm``);
 - "value" / "norm": detectron2's per-parameter clipping (``maybe_add_gradient_clipping``).
+
+Implementation (``SOLVER.FUSED_OPTIMIZER``, switchable with ``set_fused_step``): True
+updates all parameters in torch's fused kernel (``fused=True``, CPU and CUDA), False in
+torch's default per-parameter loop; the updates agree up to float rounding. The choice is
+the running config's, also after an optimizer state dict is loaded (torch would take the
+saved one). It is set after construction, so torch's AMP GradScaler still unscales the
+gradients before ``step`` (and before the clipping), as for the plain loop.
 """
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
 
 from detr_d2.engine.checks import SetupError
 
-__all__ = ["build_detr_optimizer", "detr_param_groups"]
+__all__ = ["build_detr_optimizer", "detr_param_groups", "set_fused_step"]
 
 BACKBONE_PREFIX = "backbone."
 FULL_MODEL = "full_model"
@@ -40,18 +47,38 @@ def detr_param_groups(model, base_lr, backbone_multiplier):
     return [group for group in groups if group["params"]]
 
 
-def _with_full_model_clipping(optimizer_cls, max_norm, norm_type):
-    """A subclass of ``optimizer_cls`` whose ``step`` first clips the joint gradient norm."""
+def set_fused_step(optimizer, enabled):
+    """Make the next ``optimizer.step()`` calls use torch's fused kernel (True) or its plain
+    per-parameter loop (False)."""
+    for group in optimizer.param_groups:
+        group["fused"] = enabled
 
-    class FullModelClipped(optimizer_cls):
+
+def _clip_full_model(optimizer, max_norm, norm_type):
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+
+
+def _detr_optimizer_class(optimizer_cls, full_model_clip=None):
+    """A subclass of ``optimizer_cls`` that keeps its fused choice when a state dict is
+    loaded and, given ``full_model_clip`` = (max_norm, norm_type), clips the joint gradient
+    norm first at each step."""
+
+    class DetrOptimizer(optimizer_cls):
         def step(self, closure=None):
-            params = [p for group in self.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            if full_model_clip is not None:
+                _clip_full_model(self, *full_model_clip)
             return super().step(closure)
 
-    FullModelClipped.__name__ = f"{optimizer_cls.__name__}WithFullModelGradientClip"
-    FullModelClipped.__qualname__ = FullModelClipped.__name__
-    return FullModelClipped
+        def load_state_dict(self, state_dict):
+            fused = [group["fused"] for group in self.param_groups]
+            super().load_state_dict(state_dict)
+            for group, choice in zip(self.param_groups, fused):
+                group["fused"] = choice
+
+    suffix = "WithFullModelGradientClip" if full_model_clip is not None else ""
+    DetrOptimizer.__name__ = DetrOptimizer.__qualname__ = optimizer_cls.__name__ + suffix
+    return DetrOptimizer
 
 
 def _optimizer_class(cfg):
@@ -63,11 +90,11 @@ def _optimizer_class(cfg):
                          f"use one of {', '.join(classes)}.")
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if not clip.ENABLED:
-        return classes[name]
+        return _detr_optimizer_class(classes[name])
     if clip.CLIP_TYPE == FULL_MODEL:
-        return _with_full_model_clipping(classes[name], clip.CLIP_VALUE, clip.NORM_TYPE)
-    if clip.CLIP_TYPE in DETECTRON2_CLIP_TYPES:
-        return maybe_add_gradient_clipping(cfg, classes[name])
+        return _detr_optimizer_class(classes[name], (clip.CLIP_VALUE, clip.NORM_TYPE))
+    if clip.CLIP_TYPE in DETECTRON2_CLIP_TYPES:  # outermost: its step calls super(type(self), ...)
+        return maybe_add_gradient_clipping(cfg, _detr_optimizer_class(classes[name]))
     raise SetupError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE {clip.CLIP_TYPE!r} is not supported; "
                      f"use one of {', '.join((FULL_MODEL,) + DETECTRON2_CLIP_TYPES)}.")
 
@@ -82,6 +109,9 @@ def build_detr_optimizer(cfg, model):
     groups = detr_param_groups(model, solver.BASE_LR, solver.BACKBONE_MULTIPLIER)
     optimizer_cls = _optimizer_class(cfg)
     if issubclass(optimizer_cls, torch.optim.SGD):
-        return optimizer_cls(groups, lr=solver.BASE_LR, momentum=solver.MOMENTUM,
-                             nesterov=solver.NESTEROV, weight_decay=solver.WEIGHT_DECAY)
-    return optimizer_cls(groups, lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY)
+        optimizer = optimizer_cls(groups, lr=solver.BASE_LR, momentum=solver.MOMENTUM,
+                                  nesterov=solver.NESTEROV, weight_decay=solver.WEIGHT_DECAY)
+    else:
+        optimizer = optimizer_cls(groups, lr=solver.BASE_LR, weight_decay=solver.WEIGHT_DECAY)
+    set_fused_step(optimizer, solver.FUSED_OPTIMIZER)
+    return optimizer

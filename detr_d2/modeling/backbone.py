@@ -38,9 +38,14 @@ class MaskedBackbone(nn.Module):
 
     forward(tensor [B, 3, H, W] padded, image_sizes [(h, w)] unpadded) ->
     (features [B, C, h', w'], mask [B, h', w'] bool, True on padding).
+    With ``channels_last``, in eval mode the body runs on a channels-last copy of ``tensor``
+    (oneDNN's preferred layout on CPU; it carries through convolutions, pooling and ReLU)
+    and the features come out channels-last: the same values, another memory layout.
+    Training keeps the default layout: channels-last made the R50 training iteration
+    slower (1.2x the CPU time, docs/benchmark.md).
     """
 
-    def __init__(self, body, in_feature="res5"):
+    def __init__(self, body, in_feature="res5", channels_last=False):
         super().__init__()
         if in_feature not in body.output_shape():
             raise ValueError(f"MODEL.DETR.IN_FEATURE {in_feature!r} is not an output of the backbone "
@@ -48,8 +53,11 @@ class MaskedBackbone(nn.Module):
         self.body = body
         self.in_feature = in_feature
         self.num_channels = body.output_shape()[in_feature].channels
+        self.channels_last = channels_last
 
     def forward(self, tensor, image_sizes):
+        if self.channels_last and not self.training:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
         features = self.body(tensor)[self.in_feature]
         pixel_mask = pixel_padding_mask(image_sizes, tensor.shape[-2:], tensor.device)
         return features, feature_padding_mask(pixel_mask, features.shape[-2:])

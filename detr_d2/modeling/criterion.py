@@ -10,11 +10,14 @@ from detr_d2.data.coco_registration import configured_num_classes
 from detr_d2.modeling.matcher import HungarianMatcher
 
 def num_boxes_normalizer(targets, device):
-    """Number of target boxes in the batch, averaged over processes, at least 1."""
-    count = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-    if comm.get_world_size() > 1:
-        torch.distributed.all_reduce(count)
-    return torch.clamp(count / comm.get_world_size(), min=1).item()
+    """Number of target boxes in the batch, averaged over processes, at least 1: a float,
+    or with several processes a 0-dim tensor on ``device`` (no wait for the reduction)."""
+    count = float(sum(len(t["labels"]) for t in targets))
+    if comm.get_world_size() == 1:
+        return max(count, 1.0)
+    count = torch.as_tensor(count, device=device)
+    torch.distributed.all_reduce(count)
+    return torch.clamp(count / comm.get_world_size(), min=1)
 
 
 def _matched_positions(indices):

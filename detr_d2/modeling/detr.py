@@ -10,6 +10,7 @@ from detr_d2.data.coco_registration import configured_num_classes
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
+from detr_d2.modeling.fusion import fold_frozen_batchnorm, folds_every_norm, set_norm_folding
 from detr_d2.modeling.heads import MLP
 from detr_d2.modeling.position_encoding import build_position_embedding
 from detr_d2.modeling.postprocess import results_for_batch
@@ -17,20 +18,23 @@ from detr_d2.modeling.transformer import Transformer
 
 
 def _put_in_event_storage(metrics):
-    """Log scalars to detectron2's EventStorage when one is active (training loops)."""
+    """Log 0-dim tensors to detectron2's EventStorage when one is active (training loops),
+    read from the device in one transfer."""
     try:
         storage = get_event_storage()
     except AssertionError:
         return
-    storage.put_scalars(**{k: float(v) for k, v in metrics.items()})
+    values = torch.stack([value.float() for value in metrics.values()]).tolist() if metrics else []
+    storage.put_scalars(**dict(zip(metrics, values)))
 
 
 def build_masked_backbone(cfg):
-    """detectron2's backbone from the config, wrapped to return DETR's padding mask."""
+    """detectron2's backbone from the config, wrapped to return DETR's padding mask; its
+    conv + FrozenBatchNorm pairs can fold (``fusion``), as the fast paths decide."""
     body = build_backbone(cfg)
     if cfg.MODEL.RESNETS.RES5_DILATION == 2 and hasattr(body, "res5"):
         undilate_first_res5_block(body)
-    return MaskedBackbone(body, cfg.MODEL.DETR.IN_FEATURE)
+    return MaskedBackbone(fold_frozen_batchnorm(body), cfg.MODEL.DETR.IN_FEATURE)
 
 
 @META_ARCH_REGISTRY.register()
@@ -45,11 +49,14 @@ class Detr(nn.Module):
     earlier decoder layer i); class_error and cardinality_error go to EventStorage only.
     Inference output: [{"instances": Instances}] with every query: ``pred_boxes`` xyxy in
     pixels of the requested size, ``scores``, ``pred_classes``.
+
+    ``fast_paths`` (MODEL.DETR.FAST_PATHS; ``set_fast_paths`` switches it at any time):
+    computations that give the same numbers up to float rounding, see ``set_fast_paths``.
     """
 
     @configurable
     def __init__(self, *, backbone, position_embedding, transformer, criterion, num_classes,
-                 num_queries, pixel_mean, pixel_std):
+                 num_queries, pixel_mean, pixel_std, fast_paths=True):
         super().__init__()
         hidden_dim = transformer.d_model
         self.backbone = backbone
@@ -63,6 +70,7 @@ class Detr(nn.Module):
         self.num_classes = num_classes
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.set_fast_paths(fast_paths)
 
     @classmethod
     def from_config(cls, cfg):
@@ -83,7 +91,19 @@ class Detr(nn.Module):
             "num_queries": detr.NUM_OBJECT_QUERIES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "fast_paths": detr.FAST_PATHS,
         }
+
+    def set_fast_paths(self, enabled):
+        """Switch the fast paths on (True) or off (False, the plain computation).
+
+        Fast paths: conv + FrozenBatchNorm folded into one convolution (``fusion``); in
+        eval, the backbone runs channels-last when all its norms fold (``folds_every_norm``).
+        Parameters, buffers and outputs (up to float rounding) do not depend on the switch.
+        """
+        self.fast_paths = enabled
+        self.backbone.channels_last = enabled and folds_every_norm(self.backbone.body)
+        set_norm_folding(self.backbone, enabled)
 
     @property
     def device(self):

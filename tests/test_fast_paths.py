@@ -1,0 +1,164 @@
+"""The fast paths compute what the plain paths compute (up to float rounding), and change
+no parameter name: FrozenBatchNorm folded into convolutions, channels-last backbone,
+fused optimizer step."""
+import copy
+
+import pytest
+import torch
+
+import detr_d2  # noqa: F401  (first: compat fixes before detectron2.layers)
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_backbone, build_model
+from detectron2.utils.events import EventStorage
+
+from detr_d2.engine import build_detr_optimizer
+from detr_d2.engine.optimizer import set_fused_step
+from detr_d2.modeling.fusion import FrozenNormConv2d
+from tests.test_model import small_config, training_input
+
+
+def randomize_frozen_norms(model, seed=0):
+    """Give every FrozenBatchNorm2d statistics and an affine map far from the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            count = module.num_features
+            module.weight.copy_(0.5 + torch.rand(count, generator=generator))
+            module.bias.copy_(0.1 * torch.randn(count, generator=generator))
+            module.running_mean.copy_(0.1 * torch.randn(count, generator=generator))
+            module.running_var.copy_(0.5 + 1.5 * torch.rand(count, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A small R18 DETR (FrozenBN backbone, stem + res2 frozen) with non-trivial norms."""
+    return randomize_frozen_norms(build_model(small_config("MODEL.DETR.DROPOUT", "0.0")))
+
+
+def detections(model, images, fast):
+    model.eval().set_fast_paths(fast)
+    with torch.no_grad():
+        return [out["instances"] for out in model([{"image": image} for image in images])]
+
+
+def test_every_frozen_norm_conv_of_the_backbone_folds(model):
+    convs = [m for m in model.backbone.modules() if hasattr(m, "norm") and isinstance(m.norm, FrozenBatchNorm2d)]
+    assert convs and all(isinstance(conv, FrozenNormConv2d) for conv in convs)
+
+
+def test_state_dict_keys_are_those_of_detectron2_backbone(model):
+    plain_body = build_backbone(small_config())
+    assert list(model.backbone.body.state_dict()) == list(plain_body.state_dict())
+    model.backbone.body.load_state_dict(model.backbone.body.state_dict())  # strict: no key renamed
+
+
+def test_folded_conv_equals_conv_then_frozen_norm(model):
+    conv = model.backbone.body.res3[0].conv2
+    x = torch.randn(2, conv.in_channels, 20, 24)
+    conv.fold_norm = False
+    plain = conv(x)
+    conv.fold_norm = True
+    torch.testing.assert_close(conv(x), plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_outputs_equal_the_plain_path(model):
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8, generator=generator),
+              torch.randint(0, 256, (3, 64, 52), dtype=torch.uint8, generator=generator)]
+    for fast, plain in zip(detections(model, images, True), detections(model, images, False)):
+        torch.testing.assert_close(fast.scores, plain.scores, atol=1e-5, rtol=0)
+        assert torch.equal(fast.pred_classes, plain.pred_classes)
+        height, width = fast.image_size
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        torch.testing.assert_close(fast.pred_boxes.tensor / scale, plain.pred_boxes.tensor / scale,
+                                   atol=1e-5, rtol=0)
+
+
+def losses_and_grads(model, batch, fast):
+    model.train().set_fast_paths(fast)
+    model.zero_grad()
+    with EventStorage():
+        losses = model(batch)
+    sum(losses.values()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def assert_close_to_scale(actual, expected, relative, name):
+    """|actual - expected| <= relative * max |expected| elementwise (float rounding in sums of
+    many terms is relative to the largest terms, not to each element)."""
+    error = (actual - expected).abs().max().item()
+    assert error <= relative * expected.abs().max().item() + 1e-7, f"{name}: {error}"
+
+
+def test_training_losses_and_gradients_equal_the_plain_path(model):
+    torch.manual_seed(0)
+    batch = [training_input(64, 80, [[4, 4, 30, 40], [40, 10, 70, 60]], [0, 2]),
+             training_input(48, 64, [[2, 3, 40, 30]], [1])]
+    fast_losses, fast_grads = losses_and_grads(model, batch, True)
+    plain_losses, plain_grads = losses_and_grads(model, batch, False)
+    for key, value in plain_losses.items():
+        torch.testing.assert_close(fast_losses[key], value, atol=1e-5, rtol=1e-5, msg=key)
+    assert set(fast_grads) == set(plain_grads)
+    assert any(name.startswith("backbone.body.res3") for name in fast_grads)
+    for name, grad in plain_grads.items():
+        assert_close_to_scale(fast_grads[name], grad, 1e-5, name)
+
+
+@pytest.mark.parametrize("opts", [[], ["SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.9"]])
+def test_fused_optimizer_step_equals_the_plain_step(model, opts):
+    cfg = small_config("SOLVER.BASE_LR", "0.01", *opts)
+    assert cfg.SOLVER.FUSED_OPTIMIZER
+    fused_model, plain_model = copy.deepcopy(model), copy.deepcopy(model)
+    fused, plain = build_detr_optimizer(cfg, fused_model), build_detr_optimizer(cfg, plain_model)
+    set_fused_step(plain, False)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+            if a.requires_grad:
+                a.grad = torch.randn(a.shape, generator=generator)
+                b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_fused_choice_survives_loading_a_state_dict(model):
+    cfg = small_config()
+    optimizer = build_detr_optimizer(cfg, model)
+    saved = copy.deepcopy(optimizer.state_dict())
+    for group in saved["param_groups"]:
+        group["fused"] = None  # as saved by a plain optimizer
+    optimizer.load_state_dict(saved)
+    assert all(group["fused"] is True for group in optimizer.param_groups)
+
+
+def test_channels_last_in_eval_only_where_every_norm_folds(model):
+    image = torch.zeros(1, 3, 64, 64)
+    model.eval().set_fast_paths(True)
+    assert model.backbone(image, [(64, 64)])[0].is_contiguous(memory_format=torch.channels_last)
+    assert model.backbone.train()(image, [(64, 64)])[0].is_contiguous()
+    model.set_fast_paths(True)
+    assert model.backbone.channels_last
+    group_norm = build_model(small_config("MODEL.RESNETS.NORM", "GN"))
+    assert not group_norm.backbone.channels_last
+    model.set_fast_paths(False)
+    assert not model.backbone.channels_last
+
+
+def test_kept_fold_follows_weight_changes(model):
+    conv = model.backbone.body.res4[0].conv1
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    with torch.no_grad():
+        before = conv(x)
+        conv.norm.running_var.mul_(4.0)  # in place, as load_state_dict and optimizers write
+        after = conv(x)
+        conv.fold_norm = False
+        plain = conv(x)
+        conv.fold_norm = True
+        conv.norm.running_var.div_(4.0)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
