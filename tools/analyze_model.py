@@ -17,7 +17,6 @@ the numbers as JSON, atomically.
 """
 import argparse
 import logging
-import re
 import sys
 import warnings
 
@@ -30,20 +29,12 @@ from tabulate import tabulate
 from torch import nn
 
 from detr_d2.utils.outputs import write_json
-from detr_d2.utils.tool_setup import load_tool_config, run_tool, setup_tool_logging
+from detr_d2.utils.tool_setup import input_size, load_tool_config, run_tool, setup_tool_logging
 
 FLOP_CONVENTION = "fvcore: one multiply-add counts as one flop"
 OTHER = "(outside submodules)"
 
 logger = logging.getLogger("detectron2")
-
-
-def input_size(text):
-    """argparse type: "HxW" -> (H, W)."""
-    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
-    if not match or 0 in (int(match[1]), int(match[2])):
-        raise argparse.ArgumentTypeError(f"expected HxW with positive integers, e.g. 800x1066; got {text!r}")
-    return int(match[1]), int(match[2])
 
 
 def build_parser():

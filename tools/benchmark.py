@@ -31,7 +31,6 @@ difference between their outputs.
 """
 import argparse
 import itertools
-import re
 import resource
 import statistics
 import sys
@@ -45,18 +44,10 @@ from detectron2.utils.events import EventStorage
 
 from detr_d2.engine import Trainer, build_config
 from detr_d2.engine.optimizer import set_fused_step
-from detr_d2.utils.tool_setup import positive_int, run_tool, setup_tool_logging
+from detr_d2.utils.tool_setup import input_size, positive_int, run_tool, setup_tool_logging
 
 BOXES_PER_IMAGE = 5
 FAST, PLAIN = "fast", "plain"
-
-
-def input_size(text):
-    """argparse type: "HxW" -> (H, W)."""
-    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
-    if not match or 0 in (int(match[1]), int(match[2])):
-        raise argparse.ArgumentTypeError(f"expected HxW with positive integers, e.g. 800x1066; got {text!r}")
-    return int(match[1]), int(match[2])
 
 
 def build_parser():

@@ -7,6 +7,7 @@ without a traceback.
 import argparse
 import logging
 import os
+import re
 import sys
 
 from detectron2.config import get_cfg
@@ -18,7 +19,7 @@ from detr_d2.data import DatasetError, register_datasets_from_config
 from detr_d2.engine import SetupError, merge_config
 from detr_d2.engine.checks import check_model_config
 
-__all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "check_class_count", "fraction", "load_tool_config",
+__all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "check_class_count", "fraction", "input_size", "load_tool_config",
            "make_output_folder", "metadata_with_class_names", "positive_int", "run_tool",
            "setup_tool_logging"]
 
@@ -122,3 +123,11 @@ def positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
     return value
+
+
+def input_size(text):
+    """argparse type: "HxW" -> (H, W)."""
+    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
+    if not match or 0 in (int(match[1]), int(match[2])):
+        raise argparse.ArgumentTypeError(f"expected HxW with positive integers, e.g. 800x1066; got {text!r}")
+    return int(match[1]), int(match[2])
