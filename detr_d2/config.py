@@ -21,6 +21,11 @@ def _add_model_keys(cfg):
     cfg.MODEL.DETR.DEC_LAYERS = 6
     cfg.MODEL.DETR.PRE_NORM = False
     cfg.MODEL.DETR.NUM_OBJECT_QUERIES = 100
+    # Group DETR training aid (Chen et al. 2022): during training only, NUM_QUERY_GROUPS
+    # groups of NUM_OBJECT_QUERIES queries, each matched one-to-one to the targets on its
+    # own and attending only to its own group; losses are averaged over the groups.
+    # Inference uses the first group alone, i.e. plain DETR. 1 = off (the reference).
+    cfg.MODEL.DETR.NUM_QUERY_GROUPS = 1
     # "sine" (normalised, as the reference) or "learned".
     cfg.MODEL.DETR.POSITION_EMBEDDING = "sine"
     # Which backbone output feeds the transformer.

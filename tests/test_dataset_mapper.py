@@ -1,4 +1,6 @@
 """DetrDatasetMapper on real image files with real detectron2 augmentations."""
+import copy
+
 import cv2
 import numpy as np
 import pytest
@@ -6,10 +8,12 @@ import torch
 
 import detr_d2
 from detectron2.config import get_cfg
+from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
 from detr_d2.data import DetrDatasetMapper, RandomApplyList, build_detr_augmentation
+from detr_d2.data.dataset_mapper import annotation_boxes_xyxy, transform_boxes
 
 CROP_SIZE = (38, 60)
 
@@ -218,3 +222,87 @@ def test_random_apply_list_probability_bounds():
     aug_input = T.AugInput(np.zeros((4, 6, 3), np.uint8))
     assert isinstance(RandomApplyList([T.RandomFlip(prob=1.0)], prob=0.0)(aug_input),
                       T.NoOpTransform)
+
+
+def detectron2_instances(annotations, transforms, image_shape):
+    """The reference: detectron2's per-annotation transform, instances and empty-box filter."""
+    annos = []
+    for anno in copy.deepcopy(annotations):
+        if anno.get("iscrowd", 0) == 0:
+            anno["bbox"] = [float(v) for v in anno["bbox"]]
+            annos.append(utils.transform_instance_annotations(anno, transforms, image_shape))
+    return utils.filter_empty_instances(utils.annotations_to_instances(annos, image_shape))
+
+
+def random_annotations(rng, width, height, count):
+    """Integer and fractional boxes in XYXY_ABS / XYWH_ABS, some outside the image or empty."""
+    annotations = []
+    for _ in range(count):
+        x0, y0 = rng.uniform(-0.2, 1.1) * width, rng.uniform(-0.2, 1.1) * height
+        w, h = rng.choice([0.0, rng.uniform(0, 0.6) * width]), rng.uniform(0, 0.6) * height
+        values = [x0, y0, w, h]
+        if rng.random() < 0.3:
+            values = [int(round(v)) for v in values]
+        if rng.random() < 0.5:
+            annotations.append(box(values, category_id=int(rng.integers(0, 5)), mode=BoxMode.XYWH_ABS,
+                                   iscrowd=int(rng.random() < 0.1)))
+        else:
+            annotations.append(box([values[0], values[1], values[0] + values[2], values[1] + values[3]],
+                                   category_id=int(rng.integers(0, 5))))
+    return annotations
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_batched_box_transform_equals_detectron2_per_annotation(seed):
+    rng = np.random.default_rng(seed)
+    np.random.seed(seed)
+    height, width = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+    image = np.zeros((height, width, 3), np.uint8)
+    augs = T.AugmentationList([
+        T.RandomFlip(prob=0.5, horizontal=seed % 2 == 0, vertical=seed % 2 == 1),
+        RandomApplyList([T.ResizeShortestEdge((15, 40, 77), sample_style="choice"),
+                         T.RandomCrop("absolute_range", (10, 50))], prob=0.7),
+        T.ResizeShortestEdge((16, 96, 201), 333, "choice"),
+    ])
+    aug_input = T.AugInput(image)
+    transforms = augs(aug_input)
+    shape = aug_input.image.shape[:2]
+    annotations = random_annotations(rng, width, height, int(rng.integers(0, 12)))
+    before = repr(annotations)
+    ours = DetrDatasetMapper._annotations_to_instances(annotations, transforms, shape)
+    reference = detectron2_instances(annotations, transforms, shape)
+    assert repr(annotations) == before
+    assert ours.image_size == reference.image_size
+    assert torch.equal(ours.gt_boxes.tensor, reference.gt_boxes.tensor)
+    assert ours.gt_boxes.tensor.dtype == torch.float32
+    assert torch.equal(ours.gt_classes, reference.gt_classes)
+
+
+def test_box_conversion_equals_detectron2_for_every_absolute_mode():
+    rng = np.random.default_rng(0)
+    annotations = [box(rng.uniform(0, 50, 4).tolist(), mode=BoxMode.XYWH_ABS),
+                   box([3, 4, 10, 20], mode=BoxMode.XYWH_ABS),
+                   box((rng.uniform(0, 50, 4) + [0, 0, 50, 50]).tolist()),
+                   box([20.3, 30.7, 10.1, 5.9, 33.0], mode=BoxMode.XYWHA_ABS)]
+    expected = [BoxMode.convert([float(v) for v in a["bbox"]], a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in annotations]
+    boxes = annotation_boxes_xyxy(annotations)
+    assert boxes.dtype == np.float64 and boxes.shape == (4, 4)
+    assert boxes.tolist() == expected
+    assert annotation_boxes_xyxy([]).shape == (0, 4)
+    with pytest.raises(AssertionError, match="Relative mode"):
+        annotation_boxes_xyxy([box([0.1, 0.1, 0.5, 0.5], mode=BoxMode.XYXY_REL)])
+
+
+def test_transform_boxes_clips_to_image():
+    boxes = np.array([[-5.0, 2.0, 30.0, 50.0], [1.5, 2.5, 3.5, 4.5]])
+    out = transform_boxes(boxes, T.TransformList([T.HFlipTransform(20)]), (40, 20))
+    assert out.tolist() == [[0.0, 2.0, 20.0, 40.0], [16.5, 2.5, 18.5, 4.5]]
+    assert transform_boxes(np.zeros((0, 4)), T.TransformList([]), (4, 4)).shape == (0, 4)
+
+
+def test_output_is_a_copy_that_shares_nothing_modified(wide_record):
+    out = plain_mapper([T.RandomFlip(prob=1.0)])(wide_record)
+    out["file_name"] = "other.png"
+    assert wide_record["file_name"] != "other.png" and "annotations" in wide_record
+    assert "image" not in wide_record and "instances" not in wide_record

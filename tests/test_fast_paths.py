@@ -1,6 +1,6 @@
 """The fast paths compute what the plain paths compute (up to float rounding), and change
 no parameter name: FrozenBatchNorm folded into convolutions, channels-last backbone,
-fused optimizer step."""
+oneDNN prepacked/fused ResNet at CPU inference, fused optimizer step."""
 import copy
 
 import pytest
@@ -14,7 +14,9 @@ from detectron2.utils.events import EventStorage
 from detr_d2.engine import build_detr_optimizer
 from detr_d2.engine.optimizer import set_fused_step
 from detr_d2.modeling.fusion import FrozenNormConv2d
-from tests.test_model import small_config, training_input
+from detr_d2.modeling.fusion import fold_frozen_batchnorm
+from detr_d2.modeling.inference_backbone import prepacked_forward_applies, prepacked_resnet_forward
+from tests.test_model import config, small_config, training_input
 
 
 def randomize_frozen_norms(model, seed=0):
@@ -63,17 +65,75 @@ def test_folded_conv_equals_conv_then_frozen_norm(model):
     torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)), plain, atol=1e-5, rtol=1e-5)
 
 
-def test_inference_outputs_equal_the_plain_path(model):
-    generator = torch.Generator().manual_seed(1)
-    images = [torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8, generator=generator),
-              torch.randint(0, 256, (3, 64, 52), dtype=torch.uint8, generator=generator)]
-    for fast, plain in zip(detections(model, images, True), detections(model, images, False)):
-        torch.testing.assert_close(fast.scores, plain.scores, atol=1e-5, rtol=0)
+def assert_same_detections(fast_detections, plain_detections, atol):
+    """Scores and boxes divided by the image side within ``atol``, classes equal."""
+    for fast, plain in zip(fast_detections, plain_detections, strict=True):
+        torch.testing.assert_close(fast.scores, plain.scores, atol=atol, rtol=0)
         assert torch.equal(fast.pred_classes, plain.pred_classes)
         height, width = fast.image_size
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         torch.testing.assert_close(fast.pred_boxes.tensor / scale, plain.pred_boxes.tensor / scale,
-                                   atol=1e-5, rtol=0)
+                                   atol=atol, rtol=0)
+
+
+def test_inference_outputs_equal_the_plain_path(model):
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8, generator=generator),
+              torch.randint(0, 256, (3, 64, 52), dtype=torch.uint8, generator=generator)]
+    assert_same_detections(detections(model, images, True), detections(model, images, False), 1e-5)
+
+
+def prepacked_convs(model):
+    """The backbone's folded convs whose cache holds a oneDNN-prepacked weight."""
+    return [m for m in model.backbone.modules()
+            if isinstance(m, FrozenNormConv2d) and m._folded is not None and m._folded[0][0][0] == "oneDNN"]
+
+
+@pytest.mark.parametrize("name", ["detr_r50.yaml", "detr_r50_dc5.yaml"])
+def test_prepacked_resnet_inference_equals_the_plain_path(name):
+    """Bottleneck ResNets (res5 dilated in DC5) at inference: oneDNN prepacked, fused convs."""
+    torch.manual_seed(0)
+    model = randomize_frozen_norms(build_model(config(name, "MODEL.DETR.DROPOUT", "0.0")))
+    keys = list(model.state_dict())
+    image = torch.randint(0, 256, (3, 160, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    fast = detections(model, [image], True)
+    assert model.backbone.prepacked and len(prepacked_convs(model)) == 53
+    assert_same_detections(fast, detections(model, [image], False), 1e-4)
+    assert list(model.state_dict()) == keys
+
+
+def test_prepacked_weights_follow_a_loaded_state_dict(model):
+    image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    before = detections(model, [image], True)
+    assert prepacked_convs(model)
+    saved = copy.deepcopy(model.state_dict())
+    changed = {k: v * 1.5 if k.endswith("running_var") or k.endswith("conv1.weight") else v
+               for k, v in saved.items()}
+    model.load_state_dict(changed)
+    try:
+        after = detections(model, [image], True)
+        assert not torch.allclose(after[0].scores, before[0].scores)
+        assert_same_detections(after, detections(model, [image], False), 1e-5)
+    finally:
+        model.load_state_dict(saved)
+    assert_same_detections(detections(model, [image], True), before, 1e-6)
+
+
+def test_prepacked_forward_only_at_cpu_inference_without_autograd(model):
+    image = torch.zeros(1, 3, 64, 64)
+    model.eval().set_fast_paths(True)
+    assert model.backbone.prepacked
+    body = model.backbone.body
+    with torch.no_grad():
+        assert prepacked_forward_applies(body, image)
+        assert not prepacked_forward_applies(body, image.double())
+    assert not prepacked_forward_applies(body, image)  # autograd on: the module path
+    model.train()
+    with torch.no_grad():
+        assert not prepacked_forward_applies(body, image)
+    model.eval().set_fast_paths(False)
+    assert not model.backbone.prepacked
+    assert not build_model(small_config("MODEL.RESNETS.NORM", "GN")).backbone.prepacked
 
 
 def losses_and_grads(model, batch, fast):
@@ -162,3 +222,28 @@ def test_kept_fold_follows_weight_changes(model):
         conv.norm.running_var.div_(4.0)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_with_prepacked_weights_can_be_copied(model):
+    image = torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    before = detections(model, [image], True)
+    assert prepacked_convs(model)
+    copied = copy.deepcopy(model)
+    assert not prepacked_convs(copied)
+    assert_same_detections(detections(copied, [image], True), before, 1e-6)
+
+
+def test_prepacked_forward_keeps_every_returned_feature_and_the_input():
+    """The in-place residual sums must not overwrite a feature returned earlier (R18's first
+    res2 block has no shortcut: its residual is the stem's output) nor the input."""
+    cfg = small_config("MODEL.RESNETS.OUT_FEATURES", "['stem', 'res2', 'res3', 'res5']")
+    body = randomize_frozen_norms(fold_frozen_batchnorm(build_backbone(cfg))).eval()
+    image = torch.randn(1, 3, 64, 96)
+    copy_of_image = image.clone()
+    with torch.no_grad():
+        fast = prepacked_resnet_forward(body, image)
+        plain = body(image)
+    assert torch.equal(image, copy_of_image)
+    assert list(fast) == list(plain)
+    for name, features in plain.items():
+        torch.testing.assert_close(fast[name], features, atol=1e-4, rtol=1e-5, msg=name)

@@ -6,7 +6,8 @@
 
 A training checkpoint (``DetectionCheckpointer`` layout: {"model", "optimizer",
 "scheduler", "iteration", ...}) is several times larger than the model. The output holds
-{"model": state dict, "__author__": "detr_d2"} with the model's tensors only. With
+{"model": state dict, "__author__": "detr_d2"} with the model's tensors only, less the
+training-only ones (Group DETR's extra query groups): the output is a plain DETR. With
 ``--metrics``/``--config`` the run's metrics.json / config.yaml are copied next to the
 output as ``<output stem>.metrics.json`` / ``.yaml``. All files are written atomically.
 """
@@ -18,6 +19,7 @@ import sys
 
 import detr_d2  # noqa: F401  (first: compat fixes)
 from detr_d2.checkpoint.io import CheckpointError, atomic_torch_save, atomic_write, load_checkpoint_file
+from detr_d2.modeling.detr import TRAINING_ONLY_TENSOR_PREFIXES
 from detr_d2.utils.tool_setup import run_tool, setup_tool_logging
 
 logger = logging.getLogger("detectron2")
@@ -34,12 +36,13 @@ def build_parser():
 
 
 def inference_state_dict(checkpoint, path):
-    """The model tensors of ``checkpoint`` (loaded from ``path``)."""
+    """The model tensors of ``checkpoint`` (loaded from ``path``) used at inference."""
     state = checkpoint.get("model") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} has no 'model' state dict; give a checkpoint written by "
                               "tools/train_net.py (OUTPUT_DIR/model_*.pth)")
-    return state
+    return {name: tensor for name, tensor in state.items()
+            if not name.startswith(TRAINING_ONLY_TENSOR_PREFIXES)}
 
 
 def copy_beside(source, output, suffix):

@@ -13,7 +13,6 @@ palette / RGBA / 16-bit files converted to ``INPUT.FORMAT``); a file that cannot
 or whose size differs from its record raises ``BadImageError`` naming the file, image id
 and dataset (records carry "dataset_name" when loaded by the Trainer).
 """
-import copy
 import logging
 
 import numpy as np
@@ -21,11 +20,16 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode, Instances
 
 from detr_d2.data.image_io import BadImageError, ImageNotFoundError, read_image
 from detr_d2.data.transforms import RandomApplyList
 
-__all__ = ["DetrDatasetMapper", "build_detr_augmentation"]
+__all__ = ["DetrDatasetMapper", "annotation_boxes_xyxy", "build_detr_augmentation",
+           "transform_boxes"]
+
+# detectron2's ``filter_empty_instances``: a box is empty when its width or height is at most this.
+EMPTY_BOX_THRESHOLD = 1e-5
 
 
 def _build_flip(cfg):
@@ -61,14 +65,62 @@ def build_detr_augmentation(cfg, is_train):
     return [aug for aug in augs if aug is not None]
 
 
+def annotation_boxes_xyxy(annotations):
+    """The "bbox" of each annotation in XYXY_ABS, as detectron2's ``BoxMode.convert`` gives it.
+
+    Args:
+        annotations (list[dict]): each with "bbox" (4 numbers; 5 for XYWHA_ABS) in
+            "bbox_mode" (an absolute ``BoxMode``).
+
+    Returns:
+        ndarray: float64 of shape (N, 4), XYXY absolute pixels, in the order of
+        ``annotations``. Coordinates are taken as floats: detectron2 transforms integer
+        boxes in integer arrays, truncating every scaled coordinate (a 2000-px offset
+        scaled by 96/9000 would become 21, not 21.33). Boxes in another mode are converted
+        like ``BoxMode.convert`` converts one list box, in torch's default float dtype
+        (float32), so the result equals detectron2's per-annotation conversion.
+    """
+    boxes = np.zeros((len(annotations), 4))
+    modes = [anno["bbox_mode"] for anno in annotations]
+    for mode in set(modes):
+        rows = [i for i, m in enumerate(modes) if m == mode]
+        values = [[float(v) for v in annotations[i]["bbox"]] for i in rows]
+        if mode == BoxMode.XYXY_ABS:
+            boxes[rows] = values
+        else:
+            boxes[rows] = BoxMode.convert(torch.tensor(values), mode, BoxMode.XYXY_ABS).numpy()
+    return boxes
+
+
+def transform_boxes(boxes, transforms, image_shape):
+    """``boxes`` through ``transforms``, clipped to the image, as detectron2 transforms one box.
+
+    Row for row what ``detection_utils.transform_instance_annotations`` gives for one
+    annotation: ``transforms.apply_box``, then clipped to [0, width] x [0, height].
+
+    Args:
+        boxes (ndarray): float64 of shape (N, 4), XYXY absolute pixels of the input image.
+        transforms (TransformList): the transforms applied to the image.
+        image_shape (tuple[int, int]): (height, width) of the transformed image.
+
+    Returns:
+        ndarray: float64 of shape (N, 4), XYXY absolute pixels of the transformed image.
+    """
+    if len(boxes) == 0:
+        return boxes
+    height, width = image_shape
+    return np.minimum(transforms.apply_box(boxes).clip(min=0), [width, height, width, height])
+
+
 class DetrDatasetMapper:
     """Map one detectron2 dataset dict to DETR's input: augmented image and its boxes.
 
     Input: a dict with "file_name", "height", "width", "image_id" and (training)
     "annotations", each with "bbox" in "bbox_mode", "category_id", "iscrowd".
 
-    Output: a copy of the dict (height/width/file_name/image_id kept, i.e. the original
-    image size, to which detectron2 models rescale their predictions) plus
+    Output: a shallow copy of the dict (height/width/file_name/image_id kept, i.e. the
+    original image size, to which detectron2 models rescale their predictions; nested values
+    such as "annotations" are read, never modified) plus
 
     * "image": uint8 tensor of shape (C, H, W), H x W the augmented size, channels in
       ``image_format`` order (C = 3 for "RGB"/"BGR").
@@ -143,16 +195,18 @@ class DetrDatasetMapper:
 
     @staticmethod
     def _annotations_to_instances(annotations, transforms, image_shape):
-        """Instances of the non-crowd boxes, transformed, clipped to ``image_shape``, non-empty."""
+        """Instances of the non-crowd boxes, transformed, clipped to ``image_shape``, non-empty.
+
+        The same boxes and classes as detectron2's ``transform_instance_annotations`` per
+        annotation, ``annotations_to_instances`` and ``filter_empty_instances``, with all
+        boxes of the image transformed as one array. Segmentation and keypoints are ignored
+        (DETR learns boxes only).
+        """
         annos = [anno for anno in annotations if anno.get("iscrowd", 0) == 0]
-        for anno in annos:  # DETR learns boxes only
-            anno.pop("segmentation", None)
-            anno.pop("keypoints", None)
-            # detectron2 transforms integer boxes in integer arrays, truncating every scaled
-            # coordinate (a 2000-px offset scaled by 96/9000 became 21, not 21.33)
-            anno["bbox"] = [float(v) for v in anno["bbox"]]
-        annos = [utils.transform_instance_annotations(a, transforms, image_shape) for a in annos]
-        return utils.filter_empty_instances(utils.annotations_to_instances(annos, image_shape))
+        boxes = Boxes(transform_boxes(annotation_boxes_xyxy(annos), transforms, image_shape))
+        classes = torch.tensor([int(anno["category_id"]) for anno in annos], dtype=torch.int64)
+        keep = boxes.nonempty(threshold=EMPTY_BOX_THRESHOLD)
+        return Instances(image_shape, gt_boxes=boxes[keep], gt_classes=classes[keep])
 
     def __call__(self, dataset_dict):
         """
@@ -163,7 +217,7 @@ class DetrDatasetMapper:
             dict: the record with "image" (uint8, (C, H, W)) and, in training,
             "instances" (gt_boxes XYXY absolute pixels of the augmented image, gt_classes).
         """
-        dataset_dict = copy.deepcopy(dataset_dict)
+        dataset_dict = dict(dataset_dict)  # nothing nested is modified: a shallow copy will do
         image = self._read_image(dataset_dict)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)

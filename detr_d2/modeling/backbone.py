@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detr_d2.modeling.inference_backbone import prepacked_forward_applies, prepacked_resnet_forward
+
 
 def pixel_padding_mask(image_sizes, padded_shape, device):
     """[B, H, W] bool, True on the bottom/right padding of each image in the batch.
@@ -43,9 +45,13 @@ class MaskedBackbone(nn.Module):
     and the features come out channels-last: the same values, another memory layout.
     Training keeps the default layout: channels-last made the R50 training iteration
     slower (1.2x the CPU time, docs/benchmark.md).
+    With ``prepacked`` (a ResNet that ``supports_prepacked_forward``), in eval without
+    autograd on the CPU the body runs ``prepacked_resnet_forward`` instead: oneDNN
+    convolutions on weights reordered once, ReLU and residual additions fused into them;
+    the features come out channels-last, the same values up to float rounding.
     """
 
-    def __init__(self, body, in_feature="res5", channels_last=False):
+    def __init__(self, body, in_feature="res5", channels_last=False, prepacked=False):
         super().__init__()
         if in_feature not in body.output_shape():
             raise ValueError(f"MODEL.DETR.IN_FEATURE {in_feature!r} is not an output of the backbone "
@@ -54,10 +60,14 @@ class MaskedBackbone(nn.Module):
         self.in_feature = in_feature
         self.num_channels = body.output_shape()[in_feature].channels
         self.channels_last = channels_last
+        self.prepacked = prepacked
 
     def forward(self, tensor, image_sizes):
-        if self.channels_last and not self.training:
-            tensor = tensor.contiguous(memory_format=torch.channels_last)
-        features = self.body(tensor)[self.in_feature]
+        if self.prepacked and prepacked_forward_applies(self.body, tensor):
+            features = prepacked_resnet_forward(self.body, tensor)[self.in_feature]
+        else:
+            if self.channels_last and not self.training:
+                tensor = tensor.contiguous(memory_format=torch.channels_last)
+            features = self.body(tensor)[self.in_feature]
         pixel_mask = pixel_padding_mask(image_sizes, tensor.shape[-2:], tensor.device)
         return features, feature_padding_mask(pixel_mask, features.shape[-2:])

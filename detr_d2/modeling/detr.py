@@ -12,9 +12,15 @@ from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
 from detr_d2.modeling.fusion import fold_frozen_batchnorm, folds_every_norm, set_norm_folding
 from detr_d2.modeling.heads import MLP
+from detr_d2.modeling.inference_backbone import supports_prepacked_forward
 from detr_d2.modeling.position_encoding import build_position_embedding
 from detr_d2.modeling.postprocess import results_for_batch
+from detr_d2.modeling.query_groups import group_self_attention_mask, groups_as_batch_entries
 from detr_d2.modeling.transformer import Transformer
+
+# Parameters that exist for training only (Group DETR's queries of groups 2..G); inference
+# and slim checkpoints (tools/slim_checkpoint.py) do without them.
+TRAINING_ONLY_TENSOR_PREFIXES = ("extra_query_embed.",)
 
 
 def _put_in_event_storage(metrics):
@@ -56,7 +62,7 @@ class Detr(nn.Module):
 
     @configurable
     def __init__(self, *, backbone, position_embedding, transformer, criterion, num_classes,
-                 num_queries, pixel_mean, pixel_std, fast_paths=True):
+                 num_queries, pixel_mean, pixel_std, fast_paths=True, num_query_groups=1):
         super().__init__()
         hidden_dim = transformer.d_model
         self.backbone = backbone
@@ -64,6 +70,9 @@ class Detr(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.transformer = transformer
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.num_query_groups = num_query_groups
+        if num_query_groups > 1:  # training-only queries of groups 2..G (Group DETR)
+            self.extra_query_embed = nn.Embedding(num_queries * (num_query_groups - 1), hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.criterion = criterion
@@ -78,6 +87,8 @@ class Detr(nn.Module):
         num_classes = configured_num_classes(cfg)
         if num_classes <= 0:
             raise ValueError(f"MODEL.DETR.NUM_CLASSES must be positive, got {num_classes}")
+        if detr.NUM_QUERY_GROUPS < 1:
+            raise ValueError(f"MODEL.DETR.NUM_QUERY_GROUPS must be at least 1, got {detr.NUM_QUERY_GROUPS}")
         return {
             "backbone": build_masked_backbone(cfg),
             "position_embedding": build_position_embedding(detr.POSITION_EMBEDDING, detr.HIDDEN_DIM),
@@ -89,6 +100,7 @@ class Detr(nn.Module):
             "criterion": SetCriterion(cfg),
             "num_classes": num_classes,
             "num_queries": detr.NUM_OBJECT_QUERIES,
+            "num_query_groups": detr.NUM_QUERY_GROUPS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "fast_paths": detr.FAST_PATHS,
@@ -98,11 +110,14 @@ class Detr(nn.Module):
         """Switch the fast paths on (True) or off (False, the plain computation).
 
         Fast paths: conv + FrozenBatchNorm folded into one convolution (``fusion``); in
-        eval, the backbone runs channels-last when all its norms fold (``folds_every_norm``).
+        eval, the backbone runs channels-last when all its norms fold (``folds_every_norm``)
+        and, on the CPU without autograd, a folded detectron2 ResNet runs oneDNN's
+        prepacked, ReLU/residual-fused convolutions (``inference_backbone``).
         Parameters, buffers and outputs (up to float rounding) do not depend on the switch.
         """
         self.fast_paths = enabled
         self.backbone.channels_last = enabled and folds_every_norm(self.backbone.body)
+        self.backbone.prepacked = enabled and supports_prepacked_forward(self.backbone.body)
         set_norm_folding(self.backbone, enabled)
 
     @property
@@ -114,12 +129,24 @@ class Detr(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images)
 
+    def queries(self):
+        """(query embeddings [Q', C], decoder self-attention mask [Q', Q'] or None): the Q
+        queries, or in training with query groups all G*Q of them, kept apart by the mask."""
+        if not (self.training and self.num_query_groups > 1):
+            return self.query_embed.weight, None
+        embeddings = torch.cat([self.query_embed.weight, self.extra_query_embed.weight])
+        mask = group_self_attention_mask(self.num_query_groups, len(self.query_embed.weight),
+                                         embeddings.device)
+        return embeddings, mask
+
     def predict(self, images):
-        """ImageList -> (logits [L, B, Q, K+1], boxes [L, B, Q, 4] normalised cxcywh), one
-        entry per decoder layer, the last being the final prediction."""
+        """ImageList -> (logits [L, B, Q', K+1], boxes [L, B, Q', 4] normalised cxcywh), one
+        entry per decoder layer, the last being the final prediction; Q' = Q, or G*Q for
+        query groups in training (see ``queries``)."""
         features, mask = self.backbone(images.tensor, images.image_sizes)
         pos = self.position_embedding(mask).to(features.dtype)
-        hidden = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
+        query_embed, query_attn_mask = self.queries()
+        hidden = self.transformer(self.input_proj(features), mask, query_embed, pos, query_attn_mask)
         return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid()
 
     def prepare_targets(self, batched_inputs, image_sizes):
@@ -142,5 +169,8 @@ class Detr(nn.Module):
         logits, boxes = self.predict(images)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
+            if self.num_query_groups > 1:
+                logits, boxes, targets = groups_as_batch_entries(logits, boxes, targets,
+                                                                 self.num_query_groups)
             return self.weighted_losses(self.criterion(logits, boxes, targets))
         return results_for_batch(logits[-1], boxes[-1], batched_inputs, images.image_sizes)

@@ -59,20 +59,20 @@ class DecoderLayer(_LayerWithFeedForward):
         super().__init__(d_model, nhead, dim_feedforward, dropout, pre_norm, num_norms=3)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
 
-    def _self_attend(self, tgt, query_pos):
+    def _self_attend(self, tgt, query_pos, query_attn_mask):
         query = key = _with_pos(tgt, query_pos)
-        return self.self_attn(query, key, value=tgt, need_weights=False)[0]
+        return self.self_attn(query, key, value=tgt, attn_mask=query_attn_mask, need_weights=False)[0]
 
     def _cross_attend(self, tgt, memory, padding_mask, pos, query_pos):
         return self.multihead_attn(_with_pos(tgt, query_pos), _with_pos(memory, pos), value=memory,
                                    key_padding_mask=padding_mask, need_weights=False)[0]
 
-    def forward(self, tgt, memory, padding_mask, pos, query_pos):
+    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_attn_mask=None):
         if self.pre_norm:
-            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos))
+            tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), query_pos, query_attn_mask))
             tgt = tgt + self.dropout2(self._cross_attend(self.norm2(tgt), memory, padding_mask, pos, query_pos))
             return tgt + self.dropout3(self._feed_forward(self.norm3(tgt)))
-        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos)))
+        tgt = self.norm1(tgt + self.dropout1(self._self_attend(tgt, query_pos, query_attn_mask)))
         tgt = self.norm2(tgt + self.dropout2(self._cross_attend(tgt, memory, padding_mask, pos, query_pos)))
         return self.norm3(tgt + self.dropout3(self._feed_forward(tgt)))
 
@@ -99,10 +99,10 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.norm = norm
 
-    def forward(self, tgt, memory, padding_mask, pos, query_pos):
+    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_attn_mask=None):
         outputs = []
         for layer in self.layers:
-            tgt = layer(tgt, memory, padding_mask, pos, query_pos)
+            tgt = layer(tgt, memory, padding_mask, pos, query_pos, query_attn_mask)
             outputs.append(self.norm(tgt))
         return torch.stack(outputs)
 
@@ -111,7 +111,8 @@ class Transformer(nn.Module):
     """Encoder over the image features, decoder over the object queries.
 
     forward(src [B, C, H, W], mask [B, H, W] (True on padding), query_embed [Q, C],
-    pos_embed [B, C, H, W]) -> decoder outputs [L, B, Q, C], one per decoder layer.
+    pos_embed [B, C, H, W], optional query_attn_mask [Q, Q] bool (True: query i may not
+    attend to query j)) -> decoder outputs [L, B, Q, C], one per decoder layer.
     """
 
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
@@ -132,7 +133,7 @@ class Transformer(nn.Module):
             if parameter.dim() > 1:
                 nn.init.xavier_uniform_(parameter)
 
-    def forward(self, src, mask, query_embed, pos_embed):
+    def forward(self, src, mask, query_embed, pos_embed, query_attn_mask=None):
         batch = src.shape[0]
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
@@ -140,4 +141,4 @@ class Transformer(nn.Module):
         mask = mask.flatten(1)
         memory = self.encoder(src, mask, pos_embed)
         tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, memory, mask, pos_embed, query_pos).transpose(1, 2)
+        return self.decoder(tgt, memory, mask, pos_embed, query_pos, query_attn_mask).transpose(1, 2)
