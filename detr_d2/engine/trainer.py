@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detr_d2 import compat
 from detr_d2.checkpoint.io import remove_stale_temporary_files
-from detr_d2.data import DetrDatasetMapper
+from detr_d2.data import DetrDatasetMapper, pack_batch
 from detr_d2.engine.checkpointer import AtomicDetectionCheckpointer
 from detr_d2.engine.checks import (
     SetupError,
@@ -229,9 +229,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """Batches (lists of ``DetrDatasetMapper`` outputs) of DATASETS.TRAIN, endlessly."""
+        """Batches (lists of ``DetrDatasetMapper`` outputs) of DATASETS.TRAIN, endlessly.
+        Without aspect-ratio grouping the workers collate whole batches, and ``pack_batch``
+        makes each batch cross to this process as a few shared storages."""
         dicts = training_dataset_dicts(cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, True), dataset=dicts)
+        packs_in_workers = cfg.DATALOADER.NUM_WORKERS > 0 and not cfg.DATALOADER.ASPECT_RATIO_GROUPING
+        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, True), dataset=dicts,
+                                            collate_fn=pack_batch if packs_in_workers else None)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
