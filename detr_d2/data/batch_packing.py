@@ -55,7 +55,7 @@ def pack_batch(batch):
     with "image", uint8 [C, H, W], and optionally "instances") -> the same list, with all
     images views of one storage and each Instances field views of one storage."""
     items = [dict(item) for item in batch]
-    images = [item["image"] for item in items if "image" in item]
+    images = [item["image"] for item in items if isinstance(item.get("image"), torch.Tensor)]
     if items and len(images) == len(items) and len({image.dtype for image in images}) == 1:
         for item, image in zip(items, _views_of_one_storage(images, False)):
             item["image"] = image
