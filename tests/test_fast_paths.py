@@ -15,7 +15,7 @@ from detr_d2.engine import build_detr_optimizer
 from detr_d2.engine.optimizer import set_fused_step
 from detr_d2.modeling.fusion import FrozenNormConv2d
 from detr_d2.modeling.fusion import fold_frozen_batchnorm
-from detr_d2.modeling.inference_backbone import prepacked_forward_applies, prepacked_resnet_forward
+from detr_d2.modeling.inference_backbone import prepacked_prefix_length, prepacked_resnet_forward
 from tests.test_model import config, small_config, training_input
 
 
@@ -119,20 +119,26 @@ def test_prepacked_weights_follow_a_loaded_state_dict(model):
     assert_same_detections(detections(model, [image], True), before, 1e-6)
 
 
-def test_prepacked_forward_only_at_cpu_inference_without_autograd(model):
+def test_prepacked_forward_covers_all_at_inference_and_the_frozen_prefix_otherwise(model):
+    """R18 with FREEZE_AT 2: stem + 4 stages at inference; stem + res2 in training; nothing
+    in eval with autograd, for an input that needs a gradient, a float64 input or fast
+    paths off."""
     image = torch.zeros(1, 3, 64, 64)
     model.eval().set_fast_paths(True)
     assert model.backbone.prepacked
     body = model.backbone.body
     with torch.no_grad():
-        assert prepacked_forward_applies(body, image)
-        assert not prepacked_forward_applies(body, image.double())
-    assert not prepacked_forward_applies(body, image)  # autograd on: the module path
+        assert prepacked_prefix_length(body, image) == 5
+        assert prepacked_prefix_length(body, image.double()) == 0
+    assert prepacked_prefix_length(body, image) == 0  # eval with autograd on
     model.train()
-    with torch.no_grad():
-        assert not prepacked_forward_applies(body, image)
+    assert prepacked_prefix_length(body, image) == 2
+    assert prepacked_prefix_length(body, image.requires_grad_()) == 0
+    model.eval()
     model.eval().set_fast_paths(False)
     assert not model.backbone.prepacked
+    assert prepacked_prefix_length(body, image.detach()) == 0  # folding off
+    model.set_fast_paths(True)
     assert not build_model(small_config("MODEL.RESNETS.NORM", "GN")).backbone.prepacked
 
 
@@ -153,18 +159,37 @@ def assert_close_to_scale(actual, expected, relative, name):
     assert error <= relative * expected.abs().max().item() + 1e-7, f"{name}: {error}"
 
 
-def test_training_losses_and_gradients_equal_the_plain_path(model):
+def assert_training_equals_the_plain_path(model):
     torch.manual_seed(0)
     batch = [training_input(64, 80, [[4, 4, 30, 40], [40, 10, 70, 60]], [0, 2]),
              training_input(48, 64, [[2, 3, 40, 30]], [1])]
     fast_losses, fast_grads = losses_and_grads(model, batch, True)
+    stem = model.backbone.body.stem.conv1
+    assert stem._folded is not None and stem._folded[0][0] == ("oneDNN", (2, 3, 64, 80))  # prepacked prefix
     plain_losses, plain_grads = losses_and_grads(model, batch, False)
     for key, value in plain_losses.items():
         torch.testing.assert_close(fast_losses[key], value, atol=1e-5, rtol=1e-5, msg=key)
     assert set(fast_grads) == set(plain_grads)
-    assert any(name.startswith("backbone.body.res3") for name in fast_grads)
     for name, grad in plain_grads.items():
         assert_close_to_scale(fast_grads[name], grad, 1e-5, name)
+    return fast_grads
+
+
+def test_training_losses_and_gradients_equal_the_plain_path(model):
+    """FREEZE_AT 2: stem and res2 run prepacked without autograd, res3..res5 as modules."""
+    fast_grads = assert_training_equals_the_plain_path(model)
+    assert any(name.startswith("backbone.body.res3") for name in fast_grads)
+    assert not any(name.startswith("backbone.body.res2") for name in fast_grads)
+
+
+@pytest.mark.parametrize("freeze_at", [1, 3])
+def test_training_with_other_frozen_prefixes_equals_the_plain_path(freeze_at):
+    torch.manual_seed(1)
+    model = randomize_frozen_norms(build_model(small_config(
+        "MODEL.DETR.DROPOUT", "0.0", "MODEL.BACKBONE.FREEZE_AT", str(freeze_at))))
+    assert prepacked_prefix_length(model.backbone.body.train(), torch.zeros(1, 3, 32, 32)) == freeze_at
+    fast_grads = assert_training_equals_the_plain_path(model)
+    assert any(name.startswith(f"backbone.body.res{freeze_at + 1}") for name in fast_grads)
 
 
 @pytest.mark.parametrize("opts", [[], ["SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.9"]])

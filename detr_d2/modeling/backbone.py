@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_d2.modeling.inference_backbone import prepacked_forward_applies, prepacked_resnet_forward
+from detr_d2.modeling.inference_backbone import prepacked_prefix_length, prepacked_resnet_forward
 
 
 def pixel_padding_mask(image_sizes, padded_shape, device):
@@ -45,10 +45,11 @@ class MaskedBackbone(nn.Module):
     and the features come out channels-last: the same values, another memory layout.
     Training keeps the default layout: channels-last made the R50 training iteration
     slower (1.2x the CPU time, docs/benchmark.md).
-    With ``prepacked`` (a ResNet that ``supports_prepacked_forward``), in eval without
-    autograd on the CPU the body runs ``prepacked_resnet_forward`` instead: oneDNN
-    convolutions on weights reordered once, ReLU and residual additions fused into them;
-    the features come out channels-last, the same values up to float rounding.
+    With ``prepacked`` (a ResNet that ``supports_prepacked_forward``), on the CPU the body
+    runs ``prepacked_resnet_forward`` instead: oneDNN convolutions on weights reordered
+    once, ReLU and residual additions fused into them, for the whole body in eval without
+    autograd (features channels-last) and for its frozen stem and stages in training; the
+    same values up to float rounding.
     """
 
     def __init__(self, body, in_feature="res5", channels_last=False, prepacked=False):
@@ -63,8 +64,9 @@ class MaskedBackbone(nn.Module):
         self.prepacked = prepacked
 
     def forward(self, tensor, image_sizes):
-        if self.prepacked and prepacked_forward_applies(self.body, tensor):
-            features = prepacked_resnet_forward(self.body, tensor)[self.in_feature]
+        prefix_length = prepacked_prefix_length(self.body, tensor) if self.prepacked else 0
+        if prefix_length:
+            features = prepacked_resnet_forward(self.body, tensor, prefix_length)[self.in_feature]
         else:
             if self.channels_last and not self.training:
                 tensor = tensor.contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ from detr_d2.data.coco_registration import configured_num_classes
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
+from detr_d2.modeling.fast_dropout import set_fast_masks
 from detr_d2.modeling.fusion import fold_frozen_batchnorm, folds_every_norm, set_norm_folding
 from detr_d2.modeling.heads import MLP
 from detr_d2.modeling.inference_backbone import supports_prepacked_forward
@@ -112,13 +113,17 @@ class Detr(nn.Module):
         Fast paths: conv + FrozenBatchNorm folded into one convolution (``fusion``); in
         eval, the backbone runs channels-last when all its norms fold (``folds_every_norm``)
         and, on the CPU without autograd, a folded detectron2 ResNet runs oneDNN's
-        prepacked, ReLU/residual-fused convolutions (``inference_backbone``).
-        Parameters, buffers and outputs (up to float rounding) do not depend on the switch.
+        prepacked, ReLU/residual-fused convolutions (``inference_backbone``); in CPU
+        training, the transformer's dropout masks come from ``fast_dropout``.
+        Parameters and buffers do not depend on the switch; outputs neither (up to float
+        rounding), except that training draws other dropout masks (drop probability
+        quantised to 1/65536, see ``fast_dropout``).
         """
         self.fast_paths = enabled
         self.backbone.channels_last = enabled and folds_every_norm(self.backbone.body)
         self.backbone.prepacked = enabled and supports_prepacked_forward(self.backbone.body)
         set_norm_folding(self.backbone, enabled)
+        set_fast_masks(self.transformer, enabled)
 
     @property
     def device(self):

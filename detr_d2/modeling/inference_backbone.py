@@ -9,7 +9,9 @@ weight reordered once (cached per input shape, invalidated like the folded weigh
 ReLU applied by the convolution, and the block's last convolution accumulating into its
 residual in place (oneDNN post-ops). Activations stay channels-last dense tensors
 throughout. Parameters, buffers and state dicts are those of the ResNet; only the forward
-differs, and only in eval, without autograd, on the CPU.
+differs, and only on the CPU: for the whole ResNet in eval without autograd, and in
+training for its frozen prefix (the stem and stages that are not trained, FREEZE_AT),
+which needs no autograd.
 """
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 
 from detr_d2.modeling.fusion import FrozenNormConv2d
 
-__all__ = ["supports_prepacked_forward", "prepacked_forward_applies", "prepacked_resnet_forward"]
+__all__ = ["supports_prepacked_forward", "prepacked_prefix_length", "prepacked_resnet_forward"]
 
 
 def _block_is_supported(block):
@@ -37,11 +39,31 @@ def supports_prepacked_forward(body):
             and all(_block_is_supported(block) for stage in body.stages for block in stage))
 
 
-def prepacked_forward_applies(body, tensor):
-    """Whether ``prepacked_resnet_forward(body, tensor)`` may replace ``body(tensor)``: eval
-    mode, no autograd, a float32 CPU tensor, folding switched on."""
-    return (not body.training and not torch.is_grad_enabled() and tensor.device.type == "cpu"
-            and tensor.dtype == torch.float32 and body.stem.conv1.fold_norm)
+def _is_frozen(part):
+    return not any(parameter.requires_grad for parameter in part.parameters())
+
+
+def prepacked_prefix_length(body, tensor):
+    """How many leading parts of ``body`` (the stem, then each stage) ``prepacked_resnet_forward``
+    may run for ``tensor`` (float32 on the CPU, folding switched on; else 0):
+
+    * all of them in eval mode without autograd (inference);
+    * in training mode, the frozen prefix: the leading parts none of whose parameters
+      requires grad, as long as ``tensor`` does not require grad either. Nothing there needs
+      a gradient, so computing it without autograd changes no gradient;
+    * none in eval mode with autograd on (the channels-last module path).
+    """
+    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not body.stem.conv1.fold_norm:
+        return 0
+    parts = [body.stem, *body.stages]
+    if not body.training:
+        return 0 if torch.is_grad_enabled() else len(parts)
+    if tensor.requires_grad:
+        return 0
+    length = 0
+    while length < len(parts) and _is_frozen(parts[length]):
+        length += 1
+    return length
 
 
 def _block_forward(block, x, may_overwrite_input):
@@ -61,18 +83,31 @@ def _block_forward(block, x, may_overwrite_input):
     return last.prepacked_add_(out, residual).relu_()
 
 
-def prepacked_resnet_forward(body, tensor):
-    """``body(tensor)`` for a ResNet that ``supports_prepacked_forward``, where
-    ``prepacked_forward_applies``: tensor [B, 3, H, W] -> {name: features [B, C, h, w]
-    channels-last} for ``body``'s output features. ``tensor`` is left unchanged."""
-    x = tensor.contiguous(memory_format=torch.channels_last)
-    x = F.max_pool2d(body.stem.conv1.prepacked_forward(x, relu=True), kernel_size=3, stride=2, padding=1)
+def prepacked_resnet_forward(body, tensor, prefix_length=None):
+    """``body(tensor)`` for a ResNet that ``supports_prepacked_forward``: tensor [B, 3, H, W]
+    -> {name: features [B, C, h, w]} for ``body``'s output features. ``tensor`` is left
+    unchanged.
+
+    The first ``prefix_length`` parts (stem, stages; all by default; at most
+    ``prepacked_prefix_length``) run prepacked without autograd, their features
+    channels-last; the later stages run as modules on a contiguous (NCHW) copy, with
+    autograd as usual: training keeps that layout (channels-last made it slower).
+    """
+    parts = 1 + len(body.stages)
+    prefix_length = parts if prefix_length is None else prefix_length
+    with torch.no_grad():
+        x = tensor.contiguous(memory_format=torch.channels_last)
+        x = F.max_pool2d(body.stem.conv1.prepacked_forward(x, relu=True), kernel_size=3, stride=2, padding=1)
     outputs = {"stem": x} if "stem" in body._out_features else {}
     returned = bool(outputs)  # whether x is an output feature, not to be overwritten
-    for name, stage in zip(body.stage_names, body.stages):
-        for block in stage:
-            x = _block_forward(block, x, may_overwrite_input=not returned)
-            returned = False
+    for part, (name, stage) in enumerate(zip(body.stage_names, body.stages), start=1):
+        if part < prefix_length:
+            with torch.no_grad():
+                for block in stage:
+                    x = _block_forward(block, x, may_overwrite_input=not returned)
+                    returned = False
+        else:
+            x = stage(x.contiguous() if part == prefix_length else x)
         if name in body._out_features:
             outputs[name] = x
             returned = True
