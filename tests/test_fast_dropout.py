@@ -90,10 +90,14 @@ def attention_inputs(seed=7):
     return query, key, value, padding, blocked
 
 
-def test_written_out_attention_equals_torch_multihead_attention():
+@pytest.mark.parametrize("masks", ["both", "no padded key", "none"])
+def test_written_out_attention_equals_torch_multihead_attention(masks):
     torch.manual_seed(8)
     module = nn.MultiheadAttention(32, 4)
     query, key, value, padding, blocked = attention_inputs()
+    if masks != "both":
+        padding = torch.zeros_like(padding)  # a batch without padding
+        blocked = None if masks == "none" else blocked
     expected = module(query, key, value, key_padding_mask=padding, attn_mask=blocked, need_weights=False)[0]
     actual = attention(query, key, value, module.in_proj_weight, module.in_proj_bias, module.out_proj, 4,
                        padding, blocked)

@@ -19,16 +19,15 @@ def _split_heads(x, num_heads):
     return x.reshape(length, batch * num_heads, embed // num_heads).transpose(0, 1)
 
 
-def _blocked_positions(key_padding_mask, attn_mask, batch, num_heads, lq, lk):
-    """Bool [B * h, Lq, Lk] (True: may not attend), or None when there is no mask."""
+def _blocked_positions(key_padding_mask, attn_mask, batch, lq, lk):
+    """Bool mask broadcastable to [B, h, Lq, Lk] (True: may not attend), or None when no
+    position is blocked."""
     blocked = None
-    if key_padding_mask is not None:
-        blocked = key_padding_mask.view(batch, 1, 1, lk).expand(batch, num_heads, lq, lk)
+    if key_padding_mask is not None and key_padding_mask.any():
+        blocked = key_padding_mask.view(batch, 1, 1, lk)
     if attn_mask is not None:
         blocked = attn_mask if blocked is None else blocked | attn_mask
-    if blocked is None:
-        return None
-    return blocked.expand(batch, num_heads, lq, lk).reshape(batch * num_heads, lq, lk)
+    return blocked
 
 
 def attention(query, key, value, in_proj_weight, in_proj_bias, out_proj, num_heads,
@@ -48,9 +47,9 @@ def attention(query, key, value, in_proj_weight, in_proj_bias, out_proj, num_hea
     k = _split_heads(F.linear(key, w_k, b_k), num_heads)
     v = _split_heads(F.linear(value, w_v, b_v), num_heads)
     scores = torch.bmm(q, k.transpose(1, 2))
-    blocked = _blocked_positions(key_padding_mask, attn_mask, batch, num_heads, lq, lk)
-    if blocked is not None:
-        scores = scores.masked_fill(blocked, float("-inf"))
+    blocked = _blocked_positions(key_padding_mask, attn_mask, batch, lq, lk)
+    if blocked is not None:  # in place: bmm's backward does not need its output
+        scores.view(batch, num_heads, lq, lk).masked_fill_(blocked, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
     if drop_weights is not None:
         weights = drop_weights(weights)

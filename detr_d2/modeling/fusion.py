@@ -122,8 +122,9 @@ class FrozenNormConv2d(Conv2d):
             x, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "relu" if relu else "none", [], "")
 
-    def prepacked_add_(self, x, accumulator):
-        """``accumulator += conv'(x)`` in one oneDNN convolution (sum post-op), in place.
+    def prepacked_add_(self, x, accumulator, relu=False):
+        """``accumulator += conv'(x)`` (then ReLU if ``relu``) in one oneDNN convolution (sum
+        and ReLU post-ops), in place.
 
         x [B, C_in, H, W] float32 channels-last on the CPU, accumulator [B, C_out, H', W']
         channels-last -> accumulator. Writing into a tensor whose pages are already mapped
@@ -133,7 +134,7 @@ class FrozenNormConv2d(Conv2d):
         weight, bias = self.prepacked_weight_and_bias(x.shape)
         return torch.ops.mkldnn._convolution_pointwise_(
             accumulator, x, weight, bias, list(self.padding), list(self.stride), list(self.dilation),
-            self.groups, "add", 1.0, None, [], "")
+            self.groups, "add", 1.0, "relu" if relu else None, [], "")
 
     def forward(self, x):
         if not self.fold_norm:

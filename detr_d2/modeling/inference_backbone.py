@@ -80,7 +80,7 @@ def _block_forward(block, x, may_overwrite_input):
         residual = block.shortcut.prepacked_forward(x)
     else:
         residual = x if may_overwrite_input else x.clone()
-    return last.prepacked_add_(out, residual).relu_()
+    return last.prepacked_add_(out, residual, relu=True)
 
 
 def prepacked_resnet_forward(body, tensor, prefix_length=None):
