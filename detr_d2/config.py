@@ -41,8 +41,10 @@ def _add_model_keys(cfg):
     cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
     cfg.MODEL.DETR.FROZEN_WEIGHTS = ""
     # Faster computations that give the same numbers up to float rounding (Detr.set_fast_paths):
-    # each FrozenBatchNorm folded into its convolution; in eval, a channels-last backbone.
-    # False runs the plain computation (compare with tools/benchmark.py --compare-plain).
+    # each FrozenBatchNorm folded into its convolution; on the CPU, oneDNN prepacked ResNet
+    # convolutions (the whole ResNet at inference, its frozen stem/stages in training) and
+    # dropout masks from 16-bit random slices in training (other masks than torch's, same
+    # drop rate to 1/65536). False runs the plain computation (tools/benchmark.py --compare-plain).
     cfg.MODEL.DETR.FAST_PATHS = True
 
 
