@@ -65,6 +65,34 @@ def test_folded_conv_equals_conv_then_frozen_norm(model):
     torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)), plain, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_strided_shortcut_in_training_equals_conv_then_frozen_norm(model, input_grad):
+    """The 1x1 stride-2 shortcut runs as a stride-1 conv on every other pixel with autograd
+    on; odd sizes (21x25 -> 11x13) included; output and gradients as the plain conv + norm."""
+    conv = model.backbone.body.res4[0].shortcut
+    assert conv.kernel_size == (1, 1) and conv.stride == (2, 2)
+    weight = conv.weight
+    weight.requires_grad_(True)
+    x = torch.randn(2, conv.in_channels, 21, 25, requires_grad=input_grad)
+    results = {}
+    try:
+        for fold in (False, True):
+            conv.fold_norm = fold
+            out = conv(x)
+            grads = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out).sin()).sum(),
+                                        [weight, x] if input_grad else [weight])
+            results[fold] = (out, grads)
+    finally:
+        conv.fold_norm = True
+    assert results[True][0].shape == (2, conv.out_channels, 11, 13)
+    if input_grad:  # the fast output reads a subsampled view of the input
+        inputs_of_conv = [f.name() for f, _ in results[True][0].grad_fn.next_functions if f is not None]
+        assert any("Slice" in name for name in inputs_of_conv), inputs_of_conv
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    for fast, plain in zip(results[True][1], results[False][1], strict=True):
+        assert_close_to_scale(fast, plain, 1e-5, "gradient")
+
+
 def assert_same_detections(fast_detections, plain_detections, atol):
     """Scores and boxes divided by the image side within ``atol``, classes equal."""
     for fast, plain in zip(fast_detections, plain_detections, strict=True):

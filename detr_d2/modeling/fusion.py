@@ -136,12 +136,21 @@ class FrozenNormConv2d(Conv2d):
             accumulator, x, weight, bias, list(self.padding), list(self.stride), list(self.dilation),
             self.groups, "add", 1.0, "relu" if relu else None, [], "")
 
+    def _is_strided_pointwise(self):
+        return self.kernel_size == (1, 1) and self.padding == (0, 0) and self.stride != (1, 1)
+
     def forward(self, x):
         if not self.fold_norm:
             return super().forward(x)
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
         weight, bias = self.folded_weight_and_bias(torch.channels_last if channels_last else torch.contiguous_format)
-        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        stride = self.stride
+        if self._is_strided_pointwise() and torch.is_grad_enabled() and x.device.type == "cpu":
+            # the same products: a strided 1x1 conv reads only every stride-th pixel. torch's
+            # CPU backward of strided convs copies the whole input first (R50's res4/res5
+            # shortcuts: 104 -> 78 and 127 -> 80 ms forward + backward).
+            x, stride = x[:, :, ::stride[0], ::stride[1]], (1, 1)
+        x = F.conv2d(x, weight, bias, stride, self.padding, self.dilation, self.groups)
         return x if self.activation is None else self.activation(x)
 
 
