@@ -42,7 +42,8 @@ def _add_model_keys(cfg):
     cfg.MODEL.DETR.FROZEN_WEIGHTS = ""
     # Faster computations that give the same numbers up to float rounding (Detr.set_fast_paths):
     # each FrozenBatchNorm folded into its convolution; on the CPU, oneDNN prepacked ResNet
-    # convolutions (the whole ResNet at inference, its frozen stem/stages in training) and
+    # convolutions (the whole ResNet at inference, its frozen stem/stages in training), strided
+    # 1x1 convolutions on the subsampled input in CPU training, and
     # dropout masks from 16-bit random slices in training (other masks than torch's, same
     # drop rate to 1/65536). False runs the plain computation (tools/benchmark.py --compare-plain).
     cfg.MODEL.DETR.FAST_PATHS = True

@@ -111,10 +111,12 @@ class Detr(nn.Module):
         """Switch the fast paths on (True) or off (False, the plain computation).
 
         Fast paths: conv + FrozenBatchNorm folded into one convolution (``fusion``); in
-        eval, the backbone runs channels-last when all its norms fold (``folds_every_norm``)
-        and, on the CPU without autograd, a folded detectron2 ResNet runs oneDNN's
-        prepacked, ReLU/residual-fused convolutions (``inference_backbone``); in CPU
-        training, the transformer's dropout masks come from ``fast_dropout``.
+        eval, the backbone runs channels-last when all its norms fold (``folds_every_norm``).
+        On the CPU, a folded detectron2 ResNet runs oneDNN's prepacked, ReLU/residual-fused
+        convolutions (``inference_backbone``): all of it in eval without autograd, its
+        frozen stem and stages in training. In CPU training, strided 1x1 convolutions read
+        the subsampled input (``fusion``) and the transformer's dropout masks come from
+        ``fast_dropout``.
         Parameters and buffers do not depend on the switch; outputs neither (up to float
         rounding), except that training draws other dropout masks (drop probability
         quantised to 1/65536, see ``fast_dropout``).
