@@ -210,14 +210,18 @@ def test_training_losses_and_gradients_equal_the_plain_path(model):
     assert not any(name.startswith("backbone.body.res2") for name in fast_grads)
 
 
-@pytest.mark.parametrize("freeze_at", [1, 3])
+@pytest.mark.parametrize("freeze_at", [1, 3, 5])
 def test_training_with_other_frozen_prefixes_equals_the_plain_path(freeze_at):
+    """FREEZE_AT 5 freezes the whole ResNet: all of it runs prepacked, only the
+    transformer, projection and heads train."""
     torch.manual_seed(1)
     model = randomize_frozen_norms(build_model(small_config(
         "MODEL.DETR.DROPOUT", "0.0", "MODEL.BACKBONE.FREEZE_AT", str(freeze_at))))
     assert prepacked_prefix_length(model.backbone.body.train(), torch.zeros(1, 3, 32, 32)) == freeze_at
     fast_grads = assert_training_equals_the_plain_path(model)
-    assert any(name.startswith(f"backbone.body.res{freeze_at + 1}") for name in fast_grads)
+    trained_stages = {name.split(".")[2] for name in fast_grads if name.startswith("backbone.body.")}
+    assert trained_stages == {f"res{i}" for i in range(freeze_at + 1, 6)}
+    assert "input_proj.weight" in fast_grads
 
 
 @pytest.mark.parametrize("opts", [[], ["SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", "0.9"]])
