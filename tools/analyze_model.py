@@ -22,12 +22,12 @@ import warnings
 
 import detr_d2  # noqa: F401  (first: compat fixes, registers Detr)
 import torch
-from detectron2.modeling import build_model
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from tabulate import tabulate
 from torch import nn
 
+from detr_d2.engine.build import build_model
 from detr_d2.utils.outputs import write_json
 from detr_d2.utils.tool_setup import input_size, load_tool_config, run_tool, setup_tool_logging
 

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from detr_d2 import compat
 from detr_d2.checkpoint.io import remove_stale_temporary_files
 from detr_d2.data import DetrDatasetMapper, pack_batch
+from detr_d2.engine.build import build_model
 from detr_d2.engine.checkpointer import AtomicDetectionCheckpointer
 from detr_d2.engine.checks import (
     SetupError,
@@ -216,6 +217,13 @@ class Trainer(DefaultTrainer):
             JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
             TensorboardXWriter(self.cfg.OUTPUT_DIR),
         ]
+
+    @classmethod
+    def build_model(cls, cfg):
+        """The config's model with its acceleration (``detr_d2.engine.build_model``)."""
+        model = build_model(cfg)
+        logger.info(f"Model:\n{model}")
+        return model
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -3,10 +3,10 @@ import os
 
 import torch
 from detectron2.data import transforms as T
-from detectron2.modeling import build_model
 
 from detr_d2.data import build_detr_augmentation
 from detr_d2.engine import AtomicDetectionCheckpointer, SetupError
+from detr_d2.engine.build import build_model
 from detr_d2.engine.checks import check_device
 
 __all__ = ["BatchPredictor", "build_inference_model", "confident", "load_inference_weights"]
