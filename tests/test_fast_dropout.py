@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 import detr_d2  # noqa: F401  (first: compat fixes before detectron2)
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from detr_d2.modeling.attention import FastMaskMultiheadAttention, attention
-from detr_d2.modeling.fast_dropout import (FastMaskDropout, fast_dropout, keep_mask,
-                                           quantised_drop_probability)
+from detr_d2.acceleration import set_fast_paths
+from detr_d2.acceleration.fast_dropout import (FastMaskDropout, fast_dropout, keep_mask,
+                                               quantised_drop_probability)
+from detr_d2.acceleration.fast_mask_attention import FastMaskMultiheadAttention, attention
+from detr_d2.engine.build import build_model
 from tests.test_model import small_config, training_input
 
 
@@ -141,9 +142,9 @@ def test_detr_fast_paths_switch_the_masks():
     model = build_model(small_config("MODEL.DETR.DROPOUT", "0.1"))
     switchable = [m for m in model.modules() if isinstance(m, (FastMaskDropout, FastMaskMultiheadAttention))]
     assert switchable and all(m.fast_masks for m in switchable)
-    model.set_fast_paths(False)
+    set_fast_paths(model, False)
     assert not any(m.fast_masks for m in switchable)
-    model.set_fast_paths(True)
+    set_fast_paths(model, True)
     assert all(m.fast_masks for m in switchable)
 
 

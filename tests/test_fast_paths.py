@@ -8,14 +8,15 @@ import torch
 
 import detr_d2  # noqa: F401  (first: compat fixes before detectron2.layers)
 from detectron2.layers import FrozenBatchNorm2d
-from detectron2.modeling import build_backbone, build_model
+from detectron2.modeling import build_backbone
 from detectron2.utils.events import EventStorage
 
+from detr_d2.acceleration import set_fast_paths
+from detr_d2.acceleration.folded_norm import FrozenNormConv2d, fold_frozen_batchnorm
+from detr_d2.acceleration.prepacked_resnet import prepacked_prefix_length, prepacked_resnet_forward
 from detr_d2.engine import build_detr_optimizer
+from detr_d2.engine.build import build_model
 from detr_d2.engine.optimizer import set_fused_step
-from detr_d2.modeling.fusion import FrozenNormConv2d
-from detr_d2.modeling.fusion import fold_frozen_batchnorm
-from detr_d2.modeling.inference_backbone import prepacked_prefix_length, prepacked_resnet_forward
 from tests.test_model import config, small_config, training_input
 
 
@@ -39,7 +40,7 @@ def model():
 
 
 def detections(model, images, fast):
-    model.eval().set_fast_paths(fast)
+    set_fast_paths(model.eval(), fast)
     with torch.no_grad():
         return [out["instances"] for out in model([{"image": image} for image in images])]
 
@@ -152,7 +153,7 @@ def test_prepacked_forward_covers_all_at_inference_and_the_frozen_prefix_otherwi
     in eval with autograd, for an input that needs a gradient, a float64 input or fast
     paths off."""
     image = torch.zeros(1, 3, 64, 64)
-    model.eval().set_fast_paths(True)
+    set_fast_paths(model.eval(), True)
     assert model.backbone.prepacked
     body = model.backbone.body
     with torch.no_grad():
@@ -163,15 +164,15 @@ def test_prepacked_forward_covers_all_at_inference_and_the_frozen_prefix_otherwi
     assert prepacked_prefix_length(body, image) == 2
     assert prepacked_prefix_length(body, image.requires_grad_()) == 0
     model.eval()
-    model.eval().set_fast_paths(False)
+    set_fast_paths(model.eval(), False)
     assert not model.backbone.prepacked
     assert prepacked_prefix_length(body, image.detach()) == 0  # folding off
-    model.set_fast_paths(True)
+    set_fast_paths(model, True)
     assert not build_model(small_config("MODEL.RESNETS.NORM", "GN")).backbone.prepacked
 
 
 def losses_and_grads(model, batch, fast):
-    model.train().set_fast_paths(fast)
+    set_fast_paths(model.train(), fast)
     model.zero_grad()
     with EventStorage():
         losses = model(batch)
@@ -255,14 +256,14 @@ def test_fused_choice_survives_loading_a_state_dict(model):
 
 def test_channels_last_in_eval_only_where_every_norm_folds(model):
     image = torch.zeros(1, 3, 64, 64)
-    model.eval().set_fast_paths(True)
+    set_fast_paths(model.eval(), True)
     assert model.backbone(image, [(64, 64)])[0].is_contiguous(memory_format=torch.channels_last)
     assert model.backbone.train()(image, [(64, 64)])[0].is_contiguous()
-    model.set_fast_paths(True)
+    set_fast_paths(model, True)
     assert model.backbone.channels_last
     group_norm = build_model(small_config("MODEL.RESNETS.NORM", "GN"))
     assert not group_norm.backbone.channels_last
-    model.set_fast_paths(False)
+    set_fast_paths(model, False)
     assert not model.backbone.channels_last
 
 

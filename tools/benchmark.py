@@ -38,11 +38,13 @@ import time
 
 import detr_d2  # noqa: F401  (first: compat fixes, registers Detr)
 import torch
-from detectron2.modeling import build_model
+from detectron2.engine import SimpleTrainer
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from detr_d2.acceleration import set_fast_paths
 from detr_d2.engine import Trainer, build_config
+from detr_d2.engine.build import build_model
 from detr_d2.engine.optimizer import set_fused_step
 from detr_d2.utils.tool_setup import input_size, positive_int, run_tool, setup_tool_logging
 
@@ -169,36 +171,43 @@ def synchronize(device):
 
 class Runner:
     """One model (and optimizer, for training) whose fast paths can be switched; ``run``
-    does one iteration of the task and returns its seconds and outputs."""
+    does one iteration of the task and returns its seconds and outputs. A training
+    iteration is detectron2's ``SimpleTrainer.run_step`` on the given batch."""
 
     def __init__(self, cfg, training):
         self.cfg = cfg
         self.training = training
         self.model = build_model(cfg).train(training)
-        self.optimizer = Trainer.build_optimizer(cfg, self.model) if training else None
         self.matcher_timer = ModuleTimer(self.model.criterion.matcher)
+        self.optimizer = Trainer.build_optimizer(cfg, self.model) if training else None
+        self._batch = None
+        self.trainer = SimpleTrainer(self.model, self._current_batch(), self.optimizer) if training else None
+
+    def _current_batch(self):
+        """The endless "data loader" of the trainer: the batch ``run`` was given."""
+        while True:
+            yield self._batch
 
     def use(self, variant):
         """Switch to the ``FAST`` variant (the config's choices) or the ``PLAIN`` one."""
         fast = variant == FAST
-        self.model.set_fast_paths(fast and self.cfg.MODEL.DETR.FAST_PATHS)
+        set_fast_paths(self.model, fast and self.cfg.MODEL.DETR.FAST_PATHS)
         if self.optimizer is not None:
             set_fused_step(self.optimizer, fast and self.cfg.SOLVER.FUSED_OPTIMIZER)
 
     def _train_step(self, batch):
-        with EventStorage():
-            losses = sum(self.model(batch).values())
-        self.optimizer.zero_grad()
-        losses.backward()
-        self.optimizer.step()
-        return losses.detach()
+        self._batch = batch
+        with EventStorage(self.trainer.iter):
+            self.trainer.run_step()
+        self.trainer.iter += 1
 
     def _inference(self, batch):
         with torch.no_grad():
             return self.model(batch)
 
     def run(self, batch):
-        """(seconds, process CPU seconds, matcher seconds, outputs) of one iteration on ``batch``."""
+        """(seconds, process CPU seconds, matcher seconds, outputs (None in training)) of one
+        iteration on ``batch``."""
         self.matcher_timer.reset()
         synchronize(self.cfg.MODEL.DEVICE)
         start, cpu_start = time.perf_counter(), time.process_time()

@@ -19,7 +19,7 @@ import sys
 
 import detr_d2  # noqa: F401  (first: compat fixes)
 from detr_d2.checkpoint.io import CheckpointError, atomic_torch_save, atomic_write, load_checkpoint_file
-from detr_d2.modeling.detr import TRAINING_ONLY_TENSOR_PREFIXES
+from detr_d2.modeling.query_groups import TRAINING_ONLY_TENSOR_PREFIXES
 from detr_d2.utils.tool_setup import run_tool, setup_tool_logging
 
 logger = logging.getLogger("detectron2")

@@ -1,9 +1,11 @@
-"""DETR's model parts; importing this registers the ``Detr`` meta-architecture."""
+"""DETR's model parts, plain; importing this registers the ``Detr`` and ``GroupDetr``
+meta-architectures and the tiny CNN backbone. Faster equivalents: ``detr_d2.acceleration``."""
 from detr_d2.modeling.backbone import MaskedBackbone
 from detr_d2.modeling.criterion import SetCriterion
 from detr_d2.modeling.detr import Detr
 from detr_d2.modeling.matcher import HungarianMatcher
+from detr_d2.modeling.query_groups import GroupDetr
 from detr_d2.modeling.tiny_backbone import TinyCNN  # noqa: F401  (registers build_tiny_cnn_backbone)
 from detr_d2.modeling.transformer import Transformer
 
-__all__ = ["Detr", "HungarianMatcher", "MaskedBackbone", "SetCriterion", "Transformer"]
+__all__ = ["Detr", "GroupDetr", "HungarianMatcher", "MaskedBackbone", "SetCriterion", "Transformer"]

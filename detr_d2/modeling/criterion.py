@@ -1,4 +1,9 @@
-"""DETR's set criterion: classification, L1 and GIoU losses over Hungarian-matched pairs."""
+"""DETR's set criterion: classification, L1 and GIoU losses over Hungarian-matched pairs.
+
+Each loss family (``labels``, ``boxes``, ``cardinality``) is one method with one
+signature, listed in ``SetCriterion.loss_families``; a new family (e.g. masks) is one
+more method there and its weights in ``weight_dict``.
+"""
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -6,8 +11,8 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-from detr_d2.data.coco_registration import configured_num_classes
 from detr_d2.modeling.matcher import HungarianMatcher
+
 
 def num_boxes_normalizer(targets, device):
     """Number of target boxes in the batch, averaged over processes, at least 1: a float,
@@ -51,17 +56,19 @@ class SetCriterion(nn.Module):
         class_weights = torch.ones(num_classes + 1)
         class_weights[-1] = no_object_weight
         self.register_buffer("empty_weight", class_weights, persistent=False)
-        base = {"loss_ce": class_weight, "loss_bbox": l1_weight, "loss_giou": giou_weight}
-        self.weight_dict = dict(base)
+        self.loss_families = {"labels": self.loss_labels, "boxes": self.loss_boxes,
+                              "cardinality": self.loss_cardinality}
+        last_layer_weights = {"loss_ce": class_weight, "loss_bbox": l1_weight, "loss_giou": giou_weight}
+        self.weight_dict = dict(last_layer_weights)
         if deep_supervision:
             for i in range(num_decoder_layers - 1):
-                self.weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+                self.weight_dict.update({f"{k}_{i}": v for k, v in last_layer_weights.items()})
 
     @classmethod
     def from_config(cls, cfg):
         detr = cfg.MODEL.DETR
         return {
-            "num_classes": configured_num_classes(cfg),
+            "num_classes": detr.NUM_CLASSES,
             "matcher": HungarianMatcher(cfg),
             "no_object_weight": detr.NO_OBJECT_WEIGHT,
             "class_weight": detr.CLASS_WEIGHT,
@@ -71,14 +78,15 @@ class SetCriterion(nn.Module):
             "deep_supervision": detr.DEEP_SUPERVISION,
         }
 
-    def classification_losses(self, logits, targets, indices, with_class_error):
-        """Weighted cross-entropy over all queries (unmatched ones -> no-object)."""
+    def loss_labels(self, logits, boxes, targets, indices, num_boxes, is_last):
+        """Weighted cross-entropy over all queries (unmatched ones -> no-object); for the last
+        layer also ``class_error``."""
         positions = _matched_positions(indices)
         matched_labels = _matched_targets(targets, indices, "labels")
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[positions] = matched_labels
         losses = {"loss_ce": F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight)}
-        if with_class_error:
+        if is_last:
             losses["class_error"] = self.class_error(logits[positions], matched_labels)
         return losses
 
@@ -93,14 +101,15 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def cardinality_error(logits, targets):
-        """Mean over images of |#queries not predicting no-object - #targets|."""
+    def loss_cardinality(logits, boxes, targets, indices, num_boxes, is_last):
+        """``cardinality_error``: mean over images of |#queries not predicting no-object - #targets|
+        (logged, not trained)."""
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
         expected = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
-        return F.l1_loss(predicted, expected)
+        return {"cardinality_error": F.l1_loss(predicted, expected)}
 
     @staticmethod
-    def box_losses(boxes, targets, indices, num_boxes):
+    def loss_boxes(logits, boxes, targets, indices, num_boxes, is_last):
         """L1 and 1-GIoU summed over matched pairs, divided by ``num_boxes``."""
         matched_pred = boxes[_matched_positions(indices)]
         matched_target = _matched_targets(targets, indices, "boxes")
@@ -110,9 +119,10 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
     def layer_losses(self, logits, boxes, targets, indices, num_boxes, is_last):
-        losses = self.classification_losses(logits, targets, indices, with_class_error=is_last)
-        losses.update(self.box_losses(boxes, targets, indices, num_boxes))
-        losses["cardinality_error"] = self.cardinality_error(logits, targets)
+        """Every loss family for one decoder layer: logits [B, Q, K+1], boxes [B, Q, 4]."""
+        losses = {}
+        for family in self.loss_families.values():
+            losses.update(family(logits, boxes, targets, indices, num_boxes, is_last))
         return losses
 
     def forward(self, logits, boxes, targets):

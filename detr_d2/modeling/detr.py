@@ -6,22 +6,13 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
-from detr_d2.data.coco_registration import configured_num_classes
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
-from detr_d2.modeling.fast_dropout import set_fast_masks
-from detr_d2.modeling.fusion import fold_frozen_batchnorm, folds_every_norm, set_norm_folding
-from detr_d2.modeling.heads import MLP
-from detr_d2.modeling.inference_backbone import supports_prepacked_forward
+from detr_d2.modeling.mlp import MLP
 from detr_d2.modeling.position_encoding import build_position_embedding
 from detr_d2.modeling.postprocess import results_for_batch
-from detr_d2.modeling.query_groups import group_self_attention_mask, groups_as_batch_entries
 from detr_d2.modeling.transformer import Transformer
-
-# Parameters that exist for training only (Group DETR's queries of groups 2..G); inference
-# and slim checkpoints (tools/slim_checkpoint.py) do without them.
-TRAINING_ONLY_TENSOR_PREFIXES = ("extra_query_embed.",)
 
 
 def _put_in_event_storage(metrics):
@@ -36,12 +27,30 @@ def _put_in_event_storage(metrics):
 
 
 def build_masked_backbone(cfg):
-    """detectron2's backbone from the config, wrapped to return DETR's padding mask; its
-    conv + FrozenBatchNorm pairs can fold (``fusion``), as the fast paths decide."""
+    """detectron2's backbone from the config, wrapped to return DETR's padding mask."""
     body = build_backbone(cfg)
     if cfg.MODEL.RESNETS.RES5_DILATION == 2 and hasattr(body, "res5"):
         undilate_first_res5_block(body)
-    return MaskedBackbone(fold_frozen_batchnorm(body), cfg.MODEL.DETR.IN_FEATURE)
+    return MaskedBackbone(body, cfg.MODEL.DETR.IN_FEATURE)
+
+
+def build_transformer(cfg):
+    """DETR's encoder-decoder of MODEL.DETR's sizes."""
+    detr = cfg.MODEL.DETR
+    return Transformer(d_model=detr.HIDDEN_DIM, nhead=detr.NHEADS, num_encoder_layers=detr.ENC_LAYERS,
+                       num_decoder_layers=detr.DEC_LAYERS, dim_feedforward=detr.DIM_FEEDFORWARD,
+                       dropout=detr.DROPOUT, pre_norm=detr.PRE_NORM)
+
+
+def configured_num_classes(cfg):
+    """MODEL.DETR.NUM_CLASSES, which the config building step fills in from the data."""
+    num_classes = cfg.MODEL.DETR.NUM_CLASSES
+    if num_classes is None:
+        raise ValueError("MODEL.DETR.NUM_CLASSES is unset: build the config with "
+                         "detr_d2.engine.build_config (it takes the count from DATASETS.TRAIN) or set it")
+    if num_classes <= 0:
+        raise ValueError(f"MODEL.DETR.NUM_CLASSES must be positive, got {num_classes}")
+    return num_classes
 
 
 @META_ARCH_REGISTRY.register()
@@ -57,13 +66,13 @@ class Detr(nn.Module):
     Inference output: [{"instances": Instances}] with every query: ``pred_boxes`` xyxy in
     pixels of the requested size, ``scores``, ``pred_classes``.
 
-    ``fast_paths`` (MODEL.DETR.FAST_PATHS; ``set_fast_paths`` switches it at any time):
-    computations that give the same numbers up to float rounding, see ``set_fast_paths``.
+    Variants override ``queries`` (the decoder's queries) and ``losses`` (training
+    targets and criterion), e.g. ``GroupDetr``.
     """
 
     @configurable
     def __init__(self, *, backbone, position_embedding, transformer, criterion, num_classes,
-                 num_queries, pixel_mean, pixel_std, fast_paths=True, num_query_groups=1):
+                 num_queries, pixel_mean, pixel_std):
         super().__init__()
         hidden_dim = transformer.d_model
         self.backbone = backbone
@@ -71,61 +80,30 @@ class Detr(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden_dim, kernel_size=1)
         self.transformer = transformer
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.num_query_groups = num_query_groups
-        if num_query_groups > 1:  # training-only queries of groups 2..G (Group DETR)
-            self.extra_query_embed = nn.Embedding(num_queries * (num_query_groups - 1), hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.criterion = criterion
         self.num_classes = num_classes
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.set_fast_paths(fast_paths)
 
     @classmethod
     def from_config(cls, cfg):
         detr = cfg.MODEL.DETR
+        if cls is Detr and detr.NUM_QUERY_GROUPS != 1:
+            raise ValueError(f"MODEL.DETR.NUM_QUERY_GROUPS {detr.NUM_QUERY_GROUPS} needs MODEL.META_ARCHITECTURE "
+                             "'GroupDetr' (detr_d2.engine.build_model picks it for 'Detr')")
         num_classes = configured_num_classes(cfg)
-        if num_classes <= 0:
-            raise ValueError(f"MODEL.DETR.NUM_CLASSES must be positive, got {num_classes}")
-        if detr.NUM_QUERY_GROUPS < 1:
-            raise ValueError(f"MODEL.DETR.NUM_QUERY_GROUPS must be at least 1, got {detr.NUM_QUERY_GROUPS}")
         return {
             "backbone": build_masked_backbone(cfg),
             "position_embedding": build_position_embedding(detr.POSITION_EMBEDDING, detr.HIDDEN_DIM),
-            "transformer": Transformer(d_model=detr.HIDDEN_DIM, nhead=detr.NHEADS,
-                                       num_encoder_layers=detr.ENC_LAYERS,
-                                       num_decoder_layers=detr.DEC_LAYERS,
-                                       dim_feedforward=detr.DIM_FEEDFORWARD,
-                                       dropout=detr.DROPOUT, pre_norm=detr.PRE_NORM),
+            "transformer": build_transformer(cfg),
             "criterion": SetCriterion(cfg),
             "num_classes": num_classes,
             "num_queries": detr.NUM_OBJECT_QUERIES,
-            "num_query_groups": detr.NUM_QUERY_GROUPS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "fast_paths": detr.FAST_PATHS,
         }
-
-    def set_fast_paths(self, enabled):
-        """Switch the fast paths on (True) or off (False, the plain computation).
-
-        Fast paths: conv + FrozenBatchNorm folded into one convolution (``fusion``); in
-        eval, the backbone runs channels-last when all its norms fold (``folds_every_norm``).
-        On the CPU, a folded detectron2 ResNet runs oneDNN's prepacked, ReLU/residual-fused
-        convolutions (``inference_backbone``): all of it in eval without autograd, its
-        frozen stem and stages in training. In CPU training, strided 1x1 convolutions read
-        the subsampled input (``fusion``) and the transformer's dropout masks come from
-        ``fast_dropout``.
-        Parameters and buffers do not depend on the switch; outputs neither (up to float
-        rounding), except that training draws other dropout masks (drop probability
-        quantised to 1/65536, see ``fast_dropout``).
-        """
-        self.fast_paths = enabled
-        self.backbone.channels_last = enabled and folds_every_norm(self.backbone.body)
-        self.backbone.prepacked = enabled and supports_prepacked_forward(self.backbone.body)
-        set_norm_folding(self.backbone, enabled)
-        set_fast_masks(self.transformer, enabled)
 
     @property
     def device(self):
@@ -137,19 +115,12 @@ class Detr(nn.Module):
         return ImageList.from_tensors(images)
 
     def queries(self):
-        """(query embeddings [Q', C], decoder self-attention mask [Q', Q'] or None): the Q
-        queries, or in training with query groups all G*Q of them, kept apart by the mask."""
-        if not (self.training and self.num_query_groups > 1):
-            return self.query_embed.weight, None
-        embeddings = torch.cat([self.query_embed.weight, self.extra_query_embed.weight])
-        mask = group_self_attention_mask(self.num_query_groups, len(self.query_embed.weight),
-                                         embeddings.device)
-        return embeddings, mask
+        """(query embeddings [Q, C], decoder self-attention mask [Q, Q] bool or None)."""
+        return self.query_embed.weight, None
 
     def predict(self, images):
-        """ImageList -> (logits [L, B, Q', K+1], boxes [L, B, Q', 4] normalised cxcywh), one
-        entry per decoder layer, the last being the final prediction; Q' = Q, or G*Q for
-        query groups in training (see ``queries``)."""
+        """ImageList -> (logits [L, B, Q, K+1], boxes [L, B, Q, 4] normalised cxcywh), one
+        entry per decoder layer, the last being the final prediction (Q: see ``queries``)."""
         features, mask = self.backbone(images.tensor, images.image_sizes)
         pos = self.position_embedding(mask).to(features.dtype)
         query_embed, query_attn_mask = self.queries()
@@ -171,13 +142,14 @@ class Detr(nn.Module):
         _put_in_event_storage({k: v for k, v in unweighted.items() if k not in weights})
         return {k: v * weights[k] for k, v in unweighted.items() if k in weights}
 
+    def losses(self, logits, boxes, targets):
+        """The criterion's unweighted values for predictions of ``predict`` and ``prepare_targets``."""
+        return self.criterion(logits, boxes, targets)
+
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         logits, boxes = self.predict(images)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
-            if self.num_query_groups > 1:
-                logits, boxes, targets = groups_as_batch_entries(logits, boxes, targets,
-                                                                 self.num_query_groups)
-            return self.weighted_losses(self.criterion(logits, boxes, targets))
+            return self.weighted_losses(self.losses(logits, boxes, targets))
         return results_for_batch(logits[-1], boxes[-1], batched_inputs, images.image_sizes)

@@ -2,17 +2,14 @@
 
 Sequences are sequence-first: ``[S, B, C]``. Parameter names equal the reference's
 (``self_attn``, ``multihead_attn``, ``linear1/2``, ``norm1..3``, ``decoder.norm``), so its
-checkpoints load without renaming. In CPU training, dropout masks (of activations and of
-attention weights) come from ``fast_dropout`` unless switched off (``set_fast_masks``).
+checkpoints load without renaming. Attention is ``nn.MultiheadAttention``, dropout
+``nn.Dropout``; ``detr_d2.acceleration`` may swap in faster equivalents.
 """
 import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from detr_d2.modeling.attention import FastMaskMultiheadAttention
-from detr_d2.modeling.fast_dropout import FastMaskDropout
 
 
 def _with_pos(tensor, pos):
@@ -25,13 +22,13 @@ class _LayerWithFeedForward(nn.Module):
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout, pre_norm, num_norms):
         super().__init__()
-        self.self_attn = FastMaskMultiheadAttention(d_model, nhead, dropout=dropout)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = FastMaskDropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         for i in range(1, num_norms + 1):
             setattr(self, f"norm{i}", nn.LayerNorm(d_model))
-            setattr(self, f"dropout{i}", FastMaskDropout(dropout))
+            setattr(self, f"dropout{i}", nn.Dropout(dropout))
         self.pre_norm = pre_norm
 
     def _feed_forward(self, x):
@@ -61,7 +58,7 @@ class DecoderLayer(_LayerWithFeedForward):
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout, pre_norm):
         super().__init__(d_model, nhead, dim_feedforward, dropout, pre_norm, num_norms=3)
-        self.multihead_attn = FastMaskMultiheadAttention(d_model, nhead, dropout=dropout)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
 
     def _self_attend(self, tgt, query_pos, query_attn_mask):
         query = key = _with_pos(tgt, query_pos)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detr_d2.modeling.fast_dropout import fast_dropout, uses_fast_masks
+from detr_d2.acceleration.fast_dropout import fast_dropout, uses_fast_masks
 
 
 def _split_heads(x, num_heads):

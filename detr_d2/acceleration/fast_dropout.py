@@ -6,7 +6,8 @@ gives four 16-bit slices, and an element is dropped when its slice falls below a
 the drop probability becomes ``round(p * 65536) / 65536`` (0.1 -> 0.1000061) and kept
 elements are scaled by the inverse of the quantised keep probability, so the expected
 output still equals the input. Same seed, same masks; a different random stream from
-``torch.nn.functional.dropout``, hence training-only and switchable (``set_fast_masks``).
+``torch.nn.functional.dropout``, hence training-only and switchable
+(``detr_d2.acceleration.set_fast_paths``).
 On other devices (CUDA's fused dropout is already fast) ``F.dropout`` runs unchanged.
 """
 import torch
@@ -79,9 +80,3 @@ class FastMaskDropout(nn.Dropout):
             return fast_dropout(x, self.p)
         return F.dropout(x, self.p, self.training, self.inplace)
 
-
-def set_fast_masks(module, enabled):
-    """Switch fast dropout masks on or off in every submodule of ``module`` that has them."""
-    for submodule in module.modules():
-        if hasattr(type(submodule), "fast_masks"):
-            submodule.fast_masks = enabled

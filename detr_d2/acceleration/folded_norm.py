@@ -17,7 +17,7 @@ On the CPU, ``FrozenNormConv2d.prepacked_forward`` / ``prepacked_add_`` run the 
 convolution as one oneDNN call on a weight reordered once into oneDNN's blocked layout
 (kept in the same cache slot, for one input shape at a time), with the ReLU, or the
 residual addition, done by the convolution itself (oneDNN post-ops): see
-``inference_backbone``.
+``prepacked_resnet``.
 """
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@
 detectron2's ``BasicStem``, ``BasicBlock`` and ``BottleneckBlock`` run each convolution,
 then ``relu_`` and the residual ``+=`` as separate passes over the feature maps, and
 every ``F.conv2d`` reorders its weight into oneDNN's blocked layout again. With every
-conv + FrozenBatchNorm folded (``fusion.FrozenNormConv2d``), ``prepacked_resnet_forward``
+conv + FrozenBatchNorm folded (``folded_norm.FrozenNormConv2d``), ``prepacked_resnet_forward``
 computes the same blocks from the same modules with one oneDNN call per convolution: the
 weight reordered once (cached per input shape, invalidated like the folded weights), the
 ReLU applied by the convolution, and the block's last convolution accumulating into its
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 
-from detr_d2.modeling.fusion import FrozenNormConv2d
+from detr_d2.acceleration.folded_norm import FrozenNormConv2d
 
 __all__ = ["supports_prepacked_forward", "prepacked_prefix_length", "prepacked_resnet_forward"]
 

@@ -1,0 +1,75 @@
+"""Faster computations of the plain model of ``detr_d2.modeling``, applied by one call.
+
+``accelerate(model)`` swaps modules of a built model for faster equivalents that keep
+every parameter, buffer and name (state dicts and checkpoints are unchanged):
+
+* every detectron2 ``Conv2d`` + ``FrozenBatchNorm2d`` becomes a ``FrozenNormConv2d``
+  (``folded_norm``): the norm folded into the convolution; in CPU training a strided 1x1
+  convolution reads the subsampled input;
+* the ``MaskedBackbone`` becomes a ``FastMaskedBackbone`` (``fast_backbone``): in eval the
+  body runs channels-last when all its norms fold, and a folded detectron2 ResNet runs
+  oneDNN's prepacked, ReLU/residual-fused convolutions on the CPU (``prepacked_resnet``):
+  all of it in eval without autograd, its frozen stem and stages in training;
+* ``nn.Dropout`` / ``nn.MultiheadAttention`` become ``FastMaskDropout`` /
+  ``FastMaskMultiheadAttention``: in CPU training, dropout masks from 16-bit slices of
+  random words (``fast_dropout``; drop probability quantised to 1/65536, another random
+  stream than torch's).
+
+Outputs equal the plain model's up to float rounding (except training's dropout masks).
+``set_fast_paths(model, False)`` switches all of it off again for one model, e.g. for
+export or mixed precision; MODEL.DETR.FAST_PATHS decides at build time
+(``detr_d2.engine.build_model``).
+"""
+from torch import nn
+
+from detr_d2.acceleration.fast_backbone import FastMaskedBackbone
+from detr_d2.acceleration.fast_dropout import FastMaskDropout
+from detr_d2.acceleration.fast_mask_attention import FastMaskMultiheadAttention
+from detr_d2.acceleration.folded_norm import FrozenNormConv2d, fold_frozen_batchnorm, folds_every_norm
+from detr_d2.acceleration.prepacked_resnet import supports_prepacked_forward
+from detr_d2.modeling.backbone import MaskedBackbone
+
+__all__ = ["accelerate", "fast_paths_enabled", "set_fast_paths"]
+
+# Subclasses that add behaviour but no state: an instance of the key class becomes one of
+# the value class in place (same object, same parameters and buffers).
+_STATELESS_SWAPS = {
+    nn.Dropout: FastMaskDropout,
+    nn.MultiheadAttention: FastMaskMultiheadAttention,
+    MaskedBackbone: FastMaskedBackbone,
+}
+
+
+def _swap_classes(model):
+    for module in model.modules():
+        faster = _STATELESS_SWAPS.get(type(module))
+        if faster is not None:
+            module.__class__ = faster
+
+
+def accelerate(model, enabled=True):
+    """Swap ``model``'s modules for their fast equivalents (in place) and switch them on
+    (``enabled``) or off; returns ``model``. Calling it again only switches."""
+    fold_frozen_batchnorm(model)
+    _swap_classes(model)
+    return set_fast_paths(model, enabled)
+
+
+def set_fast_paths(model, enabled):
+    """Switch the fast paths of an ``accelerate``d ``model`` on (True) or off (False: the
+    plain computation, bit for bit); returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, FrozenNormConv2d):
+            module.fold_norm = enabled
+        elif isinstance(module, (FastMaskDropout, FastMaskMultiheadAttention)):
+            module.fast_masks = enabled
+        elif isinstance(module, FastMaskedBackbone):
+            module.channels_last = enabled and folds_every_norm(module.body)
+            module.prepacked = enabled and supports_prepacked_forward(module.body)
+    model.fast_paths = enabled
+    return model
+
+
+def fast_paths_enabled(model):
+    """Whether ``set_fast_paths`` last switched ``model``'s fast paths on (False if never)."""
+    return getattr(model, "fast_paths", False)
