@@ -7,15 +7,25 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 import detr_d2
+from detr_d2.data import resolve_num_classes
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh, normalized_cxcywh_to_absolute_xyxy
 from tests.fixture_models import REPO
 
 
-def config(name, *opts):
+def merged_config(name, *opts):
+    """configs/``name`` with ``opts`` on detectron2's and detr_d2's defaults, on the CPU."""
     cfg = get_cfg()
     detr_d2.add_detr_config(cfg)
     cfg.merge_from_file(str(REPO / "configs" / name))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def config(name, *opts):
+    """``merged_config`` with NUM_CLASSES taken from the datasets when unset, as build_config does."""
+    cfg = merged_config(name, *opts)
+    if cfg.MODEL.DETR.NUM_CLASSES is None:
+        resolve_num_classes(cfg)
     return cfg
 
 
@@ -141,7 +151,7 @@ SHIPPED_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "
 def test_every_shipped_config_loads_and_builds_a_model(name):
     """Each YAML under configs/ resolves its _BASE_ chain with only known keys and builds a
     Detr (NUM_CLASSES 2 where the config leaves it to the data)."""
-    cfg = config(name)
+    cfg = merged_config(name)
     if cfg.MODEL.DETR.NUM_CLASSES is None:
         cfg.MODEL.DETR.NUM_CLASSES = 2
     model = build_model(cfg)
