@@ -1,4 +1,4 @@
-"""Prediction heads of DETR."""
+"""The multi-layer perceptron of DETR's box head."""
 import torch.nn.functional as F
 from torch import nn
 
