@@ -30,15 +30,18 @@ def _add_model_keys(cfg):
     cfg.MODEL.DETR.POSITION_EMBEDDING = "sine"
     # Which backbone output feeds the transformer.
     cfg.MODEL.DETR.IN_FEATURE = "res5"
-    # Loss weights (the same numbers are the matcher costs unless COST_* say otherwise).
+    # Loss weights of the criterion (class, L1 box, GIoU terms).
     cfg.MODEL.DETR.CLASS_WEIGHT = 1.0
     cfg.MODEL.DETR.L1_WEIGHT = 5.0
     cfg.MODEL.DETR.GIOU_WEIGHT = 2.0
+    # Costs of the Hungarian matcher (class, L1 box, GIoU); the loss weights above do not enter it.
     cfg.MODEL.DETR.COST_CLASS = 1.0
     cfg.MODEL.DETR.COST_BBOX = 5.0
     cfg.MODEL.DETR.COST_GIOU = 2.0
     cfg.MODEL.DETR.DEEP_SUPERVISION = True
     cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
+    # Kept for the original wrapper's configs; not read yet, so a non-empty value is refused
+    # (detr_d2.engine.config_checks) rather than silently ignored.
     cfg.MODEL.DETR.FROZEN_WEIGHTS = ""
     # Faster computations that give the same numbers up to float rounding (Detr.set_fast_paths):
     # each FrozenBatchNorm folded into its convolution; on the CPU, oneDNN prepacked ResNet

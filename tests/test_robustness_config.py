@@ -24,6 +24,8 @@ CASES = {
     "heads_do_not_divide": (["MODEL.DETR.HIDDEN_DIM", 250, "MODEL.DETR.NHEADS", 8],
                             ["MODEL.DETR.HIDDEN_DIM is 250", "divisible by MODEL.DETR.NHEADS (8)",
                              "e.g. MODEL.DETR.HIDDEN_DIM 248"]),
+    "frozen_weights": (["MODEL.DETR.FROZEN_WEIGHTS", "box_model.pth"],
+                       ["MODEL.DETR.FROZEN_WEIGHTS is 'box_model.pth' but must be empty", "MODEL.WEIGHTS"]),
     "no_training_set": (["DATASETS.TRAIN", "()"],
                         ["DATASETS.TRAIN is empty", "name the registered dataset(s) to train on"]),
     "output_dir_under_a_file": (["OUTPUT_DIR", "{file}/run"],

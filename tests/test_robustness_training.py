@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from detr_d2.engine import AtomicDetectionCheckpointer
-from detr_d2.engine.failures import NonFiniteValuesError, check_finite_losses
+from detr_d2.engine.finite_checks import check_finite_losses
+from detr_d2.errors import NonFiniteValuesError
 from tests.conftest import TINY_CONFIG
 from tests.test_robustness_support import (
     assert_one_line_error,

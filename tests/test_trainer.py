@@ -9,6 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from detr_d2 import add_detr_config
+from detr_d2.data import resolve_num_classes
 from detr_d2.engine import (
     AtomicDetectionCheckpointer,
     SetupError,
@@ -17,12 +18,15 @@ from detr_d2.engine import (
     merge_config,
 )
 from detr_d2.engine import checkpointer as checkpointer_module
-from detr_d2.engine.checks import check_amp, check_weights_to_load
+from detr_d2.engine.config_checks import check_amp, check_weights_to_load
 from tests.conftest import REPO_ROOT, TINY_CONFIG
 
 
 def tiny_cfg(*opts):
-    return merge_config(add_detr_config(get_cfg()), str(TINY_CONFIG), [str(o) for o in opts])
+    """configs/tests/tiny.yaml with ``KEY VALUE`` overrides, NUM_CLASSES from its data (80)."""
+    cfg = merge_config(add_detr_config(get_cfg()), str(TINY_CONFIG), [str(o) for o in opts])
+    resolve_num_classes(cfg)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +159,12 @@ def test_the_weights_to_load_must_exist(tmp_path):
         check_weights_to_load(cfg, resume=True)
     (tmp_path / "model_0000099.pth").touch()
     check_weights_to_load(cfg, resume=True)  # MODEL.WEIGHTS is not read when resuming
+
+
+def test_frozen_weights_are_refused_naming_the_key():
+    with pytest.raises(SetupError, match="MODEL.DETR.FROZEN_WEIGHTS is 'box.pth' but must be empty.*MODEL.WEIGHTS"):
+        build_config(str(TINY_CONFIG), ["MODEL.DETR.FROZEN_WEIGHTS", "box.pth"])
+    assert build_config(str(TINY_CONFIG), ["MODEL.DETR.FROZEN_WEIGHTS", ""]).MODEL.DETR.FROZEN_WEIGHTS == ""
 
 
 def test_amp_on_cpu_is_refused_with_the_fix():

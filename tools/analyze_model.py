@@ -27,9 +27,11 @@ from fvcore.nn.jit_handles import get_shape
 from tabulate import tabulate
 from torch import nn
 
+from detr_d2.acceleration import set_fast_paths
+from detr_d2.engine import build_config
 from detr_d2.engine.build import build_model
 from detr_d2.utils.outputs import write_json
-from detr_d2.utils.tool_setup import input_size, load_tool_config, run_tool, setup_tool_logging
+from detr_d2.utils.tool_setup import input_size, run_tool, setup_tool_logging
 
 FLOP_CONVENTION = "fvcore: one multiply-add counts as one flop"
 OTHER = "(outside submodules)"
@@ -139,9 +141,8 @@ def report_table(report):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_tool_logging()
-    cfg = load_tool_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"])
-    model = build_model(cfg).eval()
-    model.set_fast_paths(False)  # count the reference computation (conv and norm apart)
+    cfg = build_config(args.config_file, [*args.opts, "MODEL.DEVICE", "cpu"], all_datasets_registered=False)
+    model = set_fast_paths(build_model(cfg).eval(), False)  # count the reference computation (conv and norm apart)
     report = analysis_report(model, flop_analysis(model, *args.input_size), args.config_file, args.input_size)
     print(report_table(report))
     if args.json:

@@ -11,8 +11,8 @@ written atomically: an interrupted run never leaves a half-written file.
 import argparse
 import sys
 
-from detr_d2.checkpoint import (CheckpointError, ConversionError, atomic_torch_save, convert_state_dict,
-                                extract_state_dict, load_checkpoint_file)
+from detr_d2.checkpoint import atomic_torch_save, convert_state_dict, extract_state_dict, load_checkpoint_file
+from detr_d2.errors import SetupError
 
 
 def parse_args(argv=None):
@@ -33,7 +33,7 @@ def main(argv=None):
         checkpoint = load_checkpoint_file(args.source, trust_pickle=args.trust_pickle)
         state_dict, report = convert_state_dict(extract_state_dict(checkpoint, args.source),
                                                 drop_class_head=args.drop_class_head, source=args.source)
-    except (CheckpointError, ConversionError) as error:
+    except SetupError as error:
         print(f"convert_detr_checkpoint: error: {error}", file=sys.stderr)
         return 2
     atomic_torch_save({"model": state_dict, "__author__": "detr_d2 convert_detr_checkpoint",

@@ -31,6 +31,7 @@ from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.video_visualizer import VideoVisualizer
 from tqdm import tqdm
 
+from detr_d2.engine import build_config
 from detr_d2.utils.inputs import (
     InputFailure,
     OutputPaths,
@@ -49,7 +50,6 @@ from detr_d2.utils.tool_setup import (
     EXIT_INPUT_FAILED,
     check_class_count,
     fraction,
-    load_tool_config,
     make_output_folder,
     metadata_with_class_names,
     positive_int,
@@ -172,7 +172,7 @@ def report(run, num_inputs, output):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_tool_logging()
-    cfg = load_tool_config(args.config_file, args.opts)
+    cfg = build_config(args.config_file, args.opts, all_datasets_registered=False)
     metadata = metadata_with_class_names(cfg)
     paths, pattern_failures = expand_inputs(args.input)
     predictor = BatchPredictor(cfg, trust_pickle=args.trust_pickle)

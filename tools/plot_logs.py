@@ -24,8 +24,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from detr_d2.engine import SetupError
 from detr_d2.checkpoint.io import atomic_write
+from detr_d2.errors import SetupError
 from detr_d2.utils.tool_setup import positive_int, run_tool, setup_tool_logging
 
 PANELS = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error",

@@ -30,20 +30,9 @@ from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
 from detr_d2.compat import launch
-from detr_d2.data import DatasetError
-from detr_d2.data.image_io import BadImageError
-from detr_d2.engine import (
-    AtomicDetectionCheckpointer,
-    SetupError,
-    Trainer,
-    build_config,
-    check_training_setup,
-    share_cpu_cores,
-)
-from detr_d2.engine.checks import check_device, check_output_dir, check_weights_to_load
-from detr_d2.engine.failures import NonFiniteValuesError, user_error_message
-
-USER_ERRORS = (SetupError, DatasetError, BadImageError, NonFiniteValuesError)
+from detr_d2.engine import AtomicDetectionCheckpointer, Trainer, build_config, check_training_setup, share_cpu_cores
+from detr_d2.engine.config_checks import check_device, check_output_dir, check_weights_to_load
+from detr_d2.engine.one_line_errors import ONE_LINE_ERRORS, user_error_message
 
 
 def build_parser():
@@ -57,7 +46,8 @@ def build_parser():
 
 
 def check_run(cfg, args):
-    """The cheap checks of the run (device, AMP, dataset names, weights file, OUTPUT_DIR)."""
+    """The cheap checks of the run (device, AMP, weights file, OUTPUT_DIR); ``build_config``
+    has checked the config's values and dataset names."""
     if args.eval_only:
         check_device(cfg)
     else:
@@ -94,6 +84,7 @@ def main(args):
 
 
 def exit_with(error):
+    """End the process with ``ERROR: <message>`` on stderr (exit status 1)."""
     sys.exit(f"ERROR: {user_error_message(error)}")
 
 
@@ -102,7 +93,7 @@ def main_reporting_user_errors(args):
     traceback."""
     try:
         return main(args)
-    except USER_ERRORS as error:
+    except ONE_LINE_ERRORS as error:
         exit_with(error)
 
 
@@ -110,7 +101,7 @@ def run(args):
     """Check the config in this process, then run ``main`` in each process of the job."""
     try:
         check_run(build_config(args.config_file, args.opts), args)
-    except USER_ERRORS as error:
+    except ONE_LINE_ERRORS as error:
         exit_with(error)
     try:
         launch(main_reporting_user_errors, args.num_gpus, num_machines=args.num_machines,

@@ -29,13 +29,13 @@ from detectron2.utils.visualizer import Visualizer
 from tqdm import tqdm
 
 from detr_d2.data import DetrDatasetMapper
-from detr_d2.engine import SetupError
-from detr_d2.engine.checks import load_dataset_dicts
+from detr_d2.engine import build_config
+from detr_d2.engine.datasets import load_dataset_dicts
+from detr_d2.errors import SetupError
 from detr_d2.utils.inputs import OutputPaths, UnreadableInput, read_input_image
 from detr_d2.utils.outputs import write_png
 from detr_d2.utils.tool_setup import (
     EXIT_INPUT_FAILED,
-    load_tool_config,
     make_output_folder,
     positive_int,
     run_tool,
@@ -102,7 +102,7 @@ class MapperDrawing:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_tool_logging()
-    cfg = load_tool_config(args.config_file, args.opts)
+    cfg = build_config(args.config_file, args.opts, all_datasets_registered=False)
     if args.source == "dataloader":
         seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)
         draw = MapperDrawing(cfg)

@@ -12,6 +12,8 @@ A 92-output COCO class head (category ids 0..90 + no-object) is reduced to detec
 """
 import re
 
+from detr_d2.errors import SetupError
+
 # COCO category ids in detectron2's contiguous order (= row of the reference class head).
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
@@ -43,7 +45,7 @@ _RESNET_RULES = (
 )
 
 
-class ConversionError(ValueError):
+class ConversionError(SetupError, ValueError):
     """The input is not a reference DETR checkpoint this converter understands."""
 
 

@@ -18,6 +18,8 @@ import uuid
 
 import torch
 
+from detr_d2.errors import SetupError
+
 __all__ = ["CheckpointError", "TRUST_PICKLE_HINT", "atomic_torch_save", "atomic_write", "describe_non_checkpoint",
            "load_checkpoint_file", "load_pickle_file", "remove_stale_temporary_files"]
 
@@ -36,7 +38,7 @@ SAFE_PICKLE_GLOBALS = frozenset(
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # see atomic_write
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SetupError, ValueError):
     """A checkpoint file that cannot be used; the message names the file and the fix."""
 
 

@@ -3,7 +3,8 @@
 ``DATASETS.REGISTER_COCO`` holds (name, annotation json, image root) triples. Relative
 paths are resolved against the current working directory when the config is loaded,
 like every other path of a detectron2 config, and written back as absolute paths, so the
-run's dumped config.yaml works from any directory.
+run's dumped config.yaml works from any directory. ``detr_d2.engine.build_config`` runs
+both steps, after checking that the config's dataset names are registered.
 """
 import json
 import os
@@ -11,8 +12,10 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 
+from detr_d2.errors import SetupError
 
-class DatasetError(ValueError):
+
+class DatasetError(SetupError, ValueError):
     """A dataset problem found before training; the message names the file/key and the fix."""
 
 
@@ -73,10 +76,8 @@ def read_coco_categories(json_file):
 
 
 def dataset_num_classes(name):
-    """Number of object classes of a registered dataset (from its metadata or its json)."""
-    if name not in DatasetCatalog.list():
-        raise DatasetError(f"dataset {name!r} is not registered; add it to DATASETS.REGISTER_COCO "
-                           "or use one of detectron2's builtin names (see datasets/README.md)")
+    """Number of object classes of the registered dataset ``name`` (from its metadata or its
+    json; the dataset is loaded only when neither names its classes)."""
     metadata = MetadataCatalog.get(name)
     if hasattr(metadata, "thing_classes"):
         return len(metadata.thing_classes)
@@ -89,7 +90,7 @@ def dataset_num_classes(name):
 
 
 def num_classes_from_data(dataset_names):
-    """The class count shared by all training sets (they must agree)."""
+    """The class count shared by the registered datasets ``dataset_names`` (they must agree)."""
     if not dataset_names:
         raise DatasetError("DATASETS.TRAIN is empty: name at least one registered dataset, or set "
                            "MODEL.DETR.NUM_CLASSES explicitly for evaluation-only runs")
@@ -100,18 +101,12 @@ def num_classes_from_data(dataset_names):
     return next(iter(counts.values()))
 
 
-def configured_num_classes(cfg):
-    """MODEL.DETR.NUM_CLASSES, or (when None) the class count of the config's datasets."""
-    if cfg.MODEL.DETR.NUM_CLASSES is not None:
-        return cfg.MODEL.DETR.NUM_CLASSES
-    register_datasets_from_config(cfg)
-    return num_classes_from_data(cfg.DATASETS.TRAIN or cfg.DATASETS.TEST)
-
-
 def resolve_num_classes(cfg):
-    """Fill MODEL.DETR.NUM_CLASSES from DATASETS.TRAIN when unset (None), or check it.
+    """Fill MODEL.DETR.NUM_CLASSES from DATASETS.TRAIN (or, when empty, DATASETS.TEST) when
+    unset (None), or check it; returns it.
 
-    An explicit value that differs from the data is an error naming both numbers.
+    The datasets must be registered (``build_config`` checks their names first). An
+    explicit value that differs from the data is an error naming both numbers.
     """
     configured = cfg.MODEL.DETR.NUM_CLASSES
     names = cfg.DATASETS.TRAIN or cfg.DATASETS.TEST

@@ -18,13 +18,15 @@ from detectron2.data.detection_utils import convert_PIL_to_numpy
 from detectron2.utils.file_io import PathManager
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from detr_d2.errors import SetupError
+
 __all__ = ["BadImageError", "ImageNotFoundError", "read_image", "to_8_bit"]
 
 EXIF_ORIENTATION = 0x0112
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class BadImageError(OSError):
+class BadImageError(SetupError, OSError):
     """An image file that cannot be used; ``reason`` says why (the message names the file)."""
 
     def __init__(self, message, reason=None):

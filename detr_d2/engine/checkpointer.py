@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from detr_d2.checkpoint.io import CheckpointError, atomic_write, load_checkpoint_file, load_pickle_file
-from detr_d2.engine.checks import SetupError
-from detr_d2.engine.failures import NonFiniteValuesError, non_finite_tensors
+from detr_d2.checkpoint.io import atomic_write, load_checkpoint_file, load_pickle_file
+from detr_d2.engine.finite_checks import non_finite_tensors
+from detr_d2.errors import NonFiniteValuesError, SetupError
 
 __all__ = ["AtomicDetectionCheckpointer"]
 
@@ -156,19 +156,17 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 "the checkpoint was trained with (its run's config.yaml) or the matching *_dc5/r101 config.")
 
     def _load_file(self, filename):
-        """Checkpoint dict with a "model" entry of tensors or arrays; SetupError if unusable.
+        """Checkpoint dict with a "model" entry of tensors or arrays; SetupError (CheckpointError
+        for a file that is no readable checkpoint) if unusable.
 
         ``.pth``: tensor-only ``torch.load``; ``.pkl``: NumPy-only unpickling, then
         detectron2's model-zoo conventions; ``.pyth`` (pycls): as detectron2 reads it.
         """
         if filename.endswith(".pyth"):
             return super()._load_file(filename)
-        try:
-            if filename.endswith(".pkl"):
-                loaded = model_zoo_checkpoint(load_pickle_file(filename, self.trust_pickle), filename)
-            else:
-                loaded = load_checkpoint_file(filename, self.trust_pickle, allowed_globals=())
-        except CheckpointError as error:
-            raise SetupError(str(error)) from None
+        if filename.endswith(".pkl"):
+            loaded = model_zoo_checkpoint(load_pickle_file(filename, self.trust_pickle), filename)
+        else:
+            loaded = load_checkpoint_file(filename, self.trust_pickle, allowed_globals=())
         check_state_dict(loaded, filename)
         return loaded if "model" in loaded else {"model": loaded}

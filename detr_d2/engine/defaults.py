@@ -9,31 +9,54 @@ from detectron2.utils import comm
 
 from detr_d2.config import add_detr_config
 from detr_d2.data import register_datasets_from_config, resolve_num_classes
-from detr_d2.engine.checks import check_dataset_names, check_model_config, merge_config
+from detr_d2.engine.config_checks import check_model_config
+from detr_d2.engine.config_merge import merge_config
+from detr_d2.engine.datasets import check_dataset_names
 
 __all__ = ["build_config", "share_cpu_cores"]
 
 
-def build_config(config_file, opts):
-    """The frozen config of a run, every step checked with a message naming the culprit.
-
-    detectron2's defaults + detr_d2's keys (``add_detr_config``), then
-    ``config_file``, then the ``KEY VALUE`` list ``opts``; values checked
-    (``check_model_config``); the DATASETS.REGISTER_COCO
-    datasets are registered, every DATASETS.TRAIN/TEST name must be registered, and
-    MODEL.DETR.NUM_CLASSES is taken from the data when unset.
-
-    Raises:
-        SetupError or detr_d2.data.DatasetError.
-    """
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    merge_config(cfg, config_file, opts)
-    check_model_config(cfg)
-    register_datasets_from_config(cfg)
+def _resolve_dataset_names_and_classes(cfg):
+    """Every DATASETS.TRAIN/TEST name must be registered; NUM_CLASSES taken from the data
+    when unset, else compared with it."""
     check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     check_dataset_names(cfg.DATASETS.TEST, "DATASETS.TEST")
     resolve_num_classes(cfg)
+
+
+def _fill_num_classes(cfg):
+    """NUM_CLASSES, when unset, taken from DATASETS.TRAIN (or DATASETS.TEST), whose names
+    must then be registered; other dataset names are not checked."""
+    if cfg.MODEL.DETR.NUM_CLASSES is not None:
+        return
+    key = "DATASETS.TRAIN" if cfg.DATASETS.TRAIN else "DATASETS.TEST"
+    check_dataset_names(cfg.DATASETS.TRAIN or cfg.DATASETS.TEST, key)
+    resolve_num_classes(cfg)
+
+
+def build_config(config_file, opts, *, all_datasets_registered=True):
+    """The frozen config of a run or a tool, every step checked with a message naming the culprit.
+
+    detectron2's defaults + detr_d2's keys (``add_detr_config``), then ``config_file``, then
+    the ``KEY VALUE`` list ``opts`` (``merge_config``: unknown keys, wrong types); values
+    checked (``check_model_config``); the DATASETS.REGISTER_COCO datasets registered.
+    With ``all_datasets_registered`` (training, evaluation), every DATASETS.TRAIN/TEST name
+    must be registered and MODEL.DETR.NUM_CLASSES is taken from the data when unset, or
+    compared with it. Without (the tools that draw data, run or analyse a model): the names
+    may be unregistered (the tools then go without class names) and an explicit
+    NUM_CLASSES is kept as it is; an unset one is still taken from the data. Either way the
+    model reads MODEL.DETR.NUM_CLASSES from the returned config.
+
+    Raises:
+        SetupError (DatasetError for the data).
+    """
+    cfg = merge_config(add_detr_config(get_cfg()), config_file, opts)
+    check_model_config(cfg)
+    register_datasets_from_config(cfg)
+    if all_datasets_registered:
+        _resolve_dataset_names_and_classes(cfg)
+    else:
+        _fill_num_classes(cfg)
     cfg.freeze()
     return cfg
 

@@ -22,7 +22,7 @@ gradients before ``step`` (and before the clipping), as for the plain loop.
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
 
-from detr_d2.engine.checks import SetupError
+from detr_d2.errors import SetupError
 
 __all__ = ["build_detr_optimizer", "detr_param_groups", "set_fused_step"]
 

@@ -3,8 +3,9 @@
 Differences from DefaultTrainer:
 - optimizer: ``build_detr_optimizer`` (AdamW/SGD, backbone LR multiplier, full-model
   gradient clipping); LR schedule: detectron2's ``build_lr_scheduler`` (WarmupMultiStepLR);
-- data: ``DetrDatasetMapper`` for training and test loaders; datasets are checked first
-  (registered names, readable annotation files, existing images), see ``checks``;
+- data: ``DetrDatasetMapper`` for training and test loaders; datasets are checked when
+  loaded (readable annotation files, existing images, see ``datasets``; their names were
+  checked by ``build_config``);
 - DistributedDataParallel is built with ``compat.ddp_device_ids`` so that multi-process
   training also runs on CPU (gloo);
 - checkpoints are written atomically (``AtomicDetectionCheckpointer``) and hold the
@@ -12,7 +13,9 @@ Differences from DefaultTrainer:
   read without running code from the file unless ``trust_pickle``; temporary files left
   by a killed run are removed when resuming;
 - NaN/inf predictions, losses or weights stop training with a message naming the
-  iteration and the loss terms; the last checkpoint stays the last good one (``failures``);
+  iteration and the loss terms; the last checkpoint stays the last good one
+  (``finite_checks``), and detectron2's training loop logs them, and setup errors, as one
+  line (``one_line_errors``);
 - evaluation: COCOEvaluator (bbox) into ``OUTPUT_DIR/inference``;
 - console: every loss, ``class_error`` and ``cardinality_error`` (``MetricPrinter``).
 """
@@ -44,23 +47,13 @@ from detr_d2.checkpoint.io import remove_stale_temporary_files
 from detr_d2.data import DetrDatasetMapper, pack_batch
 from detr_d2.engine.build import build_model
 from detr_d2.engine.checkpointer import AtomicDetectionCheckpointer
-from detr_d2.engine.checks import (
-    SetupError,
-    check_amp,
-    check_dataset_names,
-    check_device,
-    check_weights_to_load,
-    load_dataset_dicts,
-)
-from detr_d2.engine.failures import (
-    DetrAMPTrainer,
-    DetrSimpleTrainer,
-    NonFiniteValuesError,
-    install_one_line_errors,
-    install_output_check,
-)
+from detr_d2.engine.config_checks import check_amp, check_device, check_weights_to_load
+from detr_d2.engine.datasets import load_dataset_dicts
+from detr_d2.engine.finite_checks import DetrAMPTrainer, DetrSimpleTrainer, install_output_check
+from detr_d2.engine.one_line_errors import install_one_line_errors
 from detr_d2.engine.optimizer import build_detr_optimizer
 from detr_d2.engine.writers import MetricPrinter
+from detr_d2.errors import NonFiniteValuesError, SetupError
 
 __all__ = ["Trainer", "check_training_setup"]
 
@@ -68,18 +61,17 @@ logger = logging.getLogger("detectron2")
 
 
 def check_training_setup(cfg):
-    """Everything about ``cfg`` that can be checked cheaply before training starts.
+    """Everything about ``cfg`` (from ``build_config``) that can be checked cheaply before
+    training starts: device, AMP, a DATASETS.TRAIN that is not empty.
 
-    Device, AMP, and the DATASETS.TRAIN (not empty) / DATASETS.TEST names. The datasets'
-    files are checked when they are loaded (the training set while the Trainer is built,
-    the test sets then too, see ``Trainer.__init__``).
+    The dataset names were checked by ``build_config``; the datasets' files are checked
+    when they are loaded (the training set while the Trainer is built, the test sets then
+    too, see ``Trainer.__init__``).
     """
     check_device(cfg)
     check_amp(cfg)
     if not cfg.DATASETS.TRAIN:
         raise SetupError("DATASETS.TRAIN is empty; name the registered dataset(s) to train on.")
-    check_dataset_names(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
-    check_dataset_names(cfg.DATASETS.TEST, "DATASETS.TEST")
 
 
 def wrap_ddp(model, device):
@@ -125,7 +117,8 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg, trust_pickle=False):
-        """Build data, model, optimizer, LR scheduler, checkpointer and hooks from ``cfg``.
+        """Build data, model, optimizer, LR scheduler, checkpointer and hooks from ``cfg``
+        (a config of ``build_config``: dataset names checked, MODEL.DETR.NUM_CLASSES set).
 
         ``trust_pickle``: read MODEL.WEIGHTS / resumed checkpoints with full unpickling,
         which runs code from the file (the ``--trust-pickle`` flag of tools/train_net.py).

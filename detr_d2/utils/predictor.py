@@ -5,9 +5,10 @@ import torch
 from detectron2.data import transforms as T
 
 from detr_d2.data import build_detr_augmentation
-from detr_d2.engine import AtomicDetectionCheckpointer, SetupError
+from detr_d2.engine import AtomicDetectionCheckpointer
 from detr_d2.engine.build import build_model
-from detr_d2.engine.checks import check_device
+from detr_d2.engine.config_checks import check_device
+from detr_d2.errors import SetupError
 
 __all__ = ["BatchPredictor", "build_inference_model", "confident", "load_inference_weights"]
 

@@ -1,8 +1,9 @@
-"""What every tool does first: logging, the config, class names; and its exit statuses.
+"""What every tool does first: logging, class names, argument types; and its exit statuses.
 
-Exit statuses of the tools: 0 success, 1 some input could not be processed (the others
-were), 2 a setup problem (config, weights, dataset, arguments) reported in one line
-without a traceback.
+The tools build their config with ``detr_d2.engine.build_config(config_file, opts,
+all_datasets_registered=False)``. Exit statuses of the tools: 0 success, 1 some input
+could not be processed (the others were), 2 a setup problem (a ``SetupError``: config,
+weights, dataset, arguments) reported in one line without a traceback.
 """
 import argparse
 import logging
@@ -10,22 +11,17 @@ import os
 import re
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
-from detr_d2.config import add_detr_config
-from detr_d2.data import DatasetError, register_datasets_from_config
-from detr_d2.engine import SetupError, merge_config
-from detr_d2.engine.checks import check_model_config
+from detr_d2.errors import SetupError
 
-__all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "check_class_count", "fraction", "input_size", "load_tool_config",
+__all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "check_class_count", "fraction", "input_size",
            "make_output_folder", "metadata_with_class_names", "positive_int", "run_tool",
            "setup_tool_logging"]
 
 EXIT_INPUT_FAILED = 1
 EXIT_SETUP_ERROR = 2
-SETUP_ERRORS = (SetupError, DatasetError)
 NO_DATASET = "__detr_d2_no_dataset__"
 
 logger = logging.getLogger("detectron2")
@@ -39,29 +35,13 @@ def setup_tool_logging():
 
 
 def run_tool(main, argv=None):
-    """``main(argv)``'s exit status; a setup error is printed as one ``ERROR:`` line on
-    stderr and gives EXIT_SETUP_ERROR."""
+    """``main(argv)``'s exit status; a SetupError (any kind) is printed as one ``ERROR:``
+    line on stderr and gives EXIT_SETUP_ERROR."""
     try:
         return main(argv)
-    except SETUP_ERRORS as error:
+    except SetupError as error:
         print(f"ERROR: {error}", file=sys.stderr)
         return EXIT_SETUP_ERROR
-
-
-def load_tool_config(config_file, opts):
-    """Frozen config: detectron2's defaults + detr_d2's keys, then ``config_file``, then the
-    ``KEY VALUE`` list ``opts``; the COCO-json datasets of DATASETS.REGISTER_COCO registered.
-
-    Unknown keys, values of the wrong type or range (``check_model_config``), unreadable
-    files and bad dataset entries raise SetupError/DatasetError.
-    """
-    cfg = get_cfg()
-    add_detr_config(cfg)
-    merge_config(cfg, config_file, opts)
-    check_model_config(cfg)
-    register_datasets_from_config(cfg)
-    cfg.freeze()
-    return cfg
 
 
 def _has_class_names(name):

@@ -1,39 +1,29 @@
-"""How training stops when it cannot go on: NaN/inf losses or weights, unusable data.
+"""Training stops at the first NaN/inf prediction, loss or weight, naming what and when.
 
-Non-finite numbers: detectron2 raises ``FloatingPointError`` when the *sum* of the losses
-is not finite, but DETR fails before that: NaN/inf predictions make the Hungarian matcher
-(scipy) raise "matrix contains invalid numeric entries". Here training stops (it does not
-skip the step) with ``NonFiniteValuesError`` naming the iteration and the loss terms:
+detectron2 raises ``FloatingPointError`` when the *sum* of the losses is not finite, but
+DETR fails before that: NaN/inf predictions make the Hungarian matcher (scipy) raise
+"matrix contains invalid numeric entries". Here training stops (it does not skip the step)
+with ``NonFiniteValuesError`` naming the iteration and the loss terms:
 
-* the predictions fed to the criterion are checked (a forward pre-hook on
-  ``model.criterion``, installed by the Trainer): NaN/inf class logits make ``loss_ce``
-  non-finite, NaN/inf boxes ``loss_bbox`` and ``loss_giou`` (suffix ``_<layer>`` for the
-  auxiliary decoder layers, as the logs name them);
+* the predictions fed to the criterion are checked (``install_output_check``, a forward
+  pre-hook on ``model.criterion`` installed by the Trainer): NaN/inf class logits make
+  ``loss_ce`` non-finite, NaN/inf boxes ``loss_bbox`` and ``loss_giou`` (suffix
+  ``_<layer>`` for the auxiliary decoder layers, as the logs name them);
 * the loss terms themselves are checked before detectron2 writes them
   (``DetrSimpleTrainer`` / ``DetrAMPTrainer``);
-* ``AtomicDetectionCheckpointer`` refuses to save NaN/inf weights, so ``last_checkpoint``
-  stays the last good one.
-
-Errors whose message says everything (these, bad images, setup errors) are logged by
-detectron2's training loop as one line instead of a traceback (``install_one_line_errors``).
+* ``AtomicDetectionCheckpointer`` refuses to save NaN/inf weights (``non_finite_tensors``),
+  so ``last_checkpoint`` stays the last good one.
 """
-import logging
 import math
-import re
 
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
-from detr_d2.data.image_io import BadImageError
-from detr_d2.engine.checks import SetupError
+from detr_d2.errors import NonFiniteValuesError
 
-__all__ = ["DetrAMPTrainer", "DetrSimpleTrainer", "NonFiniteValuesError", "check_finite_losses",
-           "install_one_line_errors", "install_output_check", "non_finite_tensors", "user_error_message"]
-
-
-class NonFiniteValuesError(FloatingPointError):
-    """NaN or infinite losses or weights; the message names them and the iteration."""
+__all__ = ["DetrAMPTrainer", "DetrSimpleTrainer", "check_finite_losses", "install_output_check",
+           "non_finite_tensors"]
 
 
 def non_finite_tensors(state_dict):
@@ -54,6 +44,7 @@ def check_finite_losses(loss_dict, iteration):
 
 
 def _current_iteration():
+    """The training iteration of the current EventStorage, "?" outside a training loop."""
     try:
         return get_event_storage().iter
     except AssertionError:  # no EventStorage: not inside a training loop
@@ -109,43 +100,3 @@ class DetrSimpleTrainer(_FiniteLossCheck, SimpleTrainer):
 
 class DetrAMPTrainer(_FiniteLossCheck, AMPTrainer):
     """AMPTrainer whose non-finite-loss error names the iteration and the terms."""
-
-
-# ---------------------------------------------------------------- messages
-ONE_LINE_ERRORS = (NonFiniteValuesError, BadImageError, SetupError)
-_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception): ")
-
-
-def user_error_message(error):
-    """The message of ``error`` for the user, without tracebacks.
-
-    An error re-raised from a DataLoader worker carries the worker's traceback in its
-    message: only the original message (its last line) is kept. FloatingPointErrors
-    keep their type name in front.
-    """
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        text = _EXCEPTION_LINE.sub("", text.splitlines()[-1])
-    return f"FloatingPointError: {text}" if isinstance(error, FloatingPointError) else text
-
-
-class OneLineTrainingErrors(logging.Filter):
-    """Logs the errors of ONE_LINE_ERRORS that stop detectron2's training loop as one line.
-
-    detectron2's ``TrainerBase.train`` logs every exception with its traceback ("Exception
-    during training:"); for these errors the message says what happened and what to do.
-    """
-
-    def filter(self, record):
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, ONE_LINE_ERRORS):
-            record.msg, record.args = f"Training stopped: {user_error_message(error)}", ()
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-def install_one_line_errors():
-    """Add ``OneLineTrainingErrors`` to detectron2's training-loop logger (once)."""
-    logger = logging.getLogger("detectron2.engine.train_loop")
-    if not any(isinstance(f, OneLineTrainingErrors) for f in logger.filters):
-        logger.addFilter(OneLineTrainingErrors())

@@ -1,0 +1,138 @@
+"""Checks of a config's values, and of the device and files they name, before heavy work.
+
+Each check raises ``SetupError`` naming the key (or file) and the fix, so that a mistake
+is reported before a model is built, weights are loaded or training starts.
+"""
+import math
+import os
+import tempfile
+
+import torch
+
+from detr_d2.errors import SetupError
+
+__all__ = [
+    "check_amp",
+    "check_device",
+    "check_model_config",
+    "check_output_dir",
+    "check_weights_file",
+    "check_weights_to_load",
+]
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(condition, key, value, rule, fix):
+    """SetupError "KEY is VALUE but must be RULE; FIX" unless ``condition``."""
+    if not condition:
+        raise SetupError(f"{key} is {value!r} but must be {rule}; {fix}")
+
+
+def _check_detr_sizes(detr):
+    """NUM_CLASSES unset or positive; positive layer and query sizes; HIDDEN_DIM divisible
+    by NHEADS (and by 4 for sine position embeddings)."""
+    num_classes = detr.NUM_CLASSES
+    _require(num_classes is None or (_is_int(num_classes) and num_classes >= 1),
+             "MODEL.DETR.NUM_CLASSES", num_classes, "a positive integer (object classes, without the "
+             "no-object class)", "remove the key to take the count from DATASETS.TRAIN, or fix it")
+    for key in ("HIDDEN_DIM", "NHEADS", "NUM_OBJECT_QUERIES", "DIM_FEEDFORWARD", "DEC_LAYERS"):
+        _require(_is_int(detr[key]) and detr[key] >= 1, f"MODEL.DETR.{key}", detr[key],
+                 "a positive integer", "fix the value")
+    _require(_is_int(detr.ENC_LAYERS) and detr.ENC_LAYERS >= 0, "MODEL.DETR.ENC_LAYERS",
+             detr.ENC_LAYERS, "an integer >= 0", "fix the value")
+    _require(detr.HIDDEN_DIM % detr.NHEADS == 0, "MODEL.DETR.HIDDEN_DIM", detr.HIDDEN_DIM,
+             f"divisible by MODEL.DETR.NHEADS ({detr.NHEADS}): each attention head gets "
+             "HIDDEN_DIM / NHEADS channels",
+             f"e.g. MODEL.DETR.HIDDEN_DIM {max(detr.HIDDEN_DIM // detr.NHEADS, 1) * detr.NHEADS}")
+    multiple = 4 if detr.POSITION_EMBEDDING == "sine" else 2  # y/x halves; sin/cos pairs
+    _require(detr.HIDDEN_DIM % multiple == 0, "MODEL.DETR.HIDDEN_DIM", detr.HIDDEN_DIM,
+             f"a multiple of {multiple} with MODEL.DETR.POSITION_EMBEDDING {detr.POSITION_EMBEDDING!r} "
+             "(the position features are split between y and x)", "fix the value")
+
+
+def _check_detr_options(detr):
+    """DROPOUT in [0, 1); FROZEN_WEIGHTS empty (detr_d2 does not read it yet)."""
+    _require(0.0 <= detr.DROPOUT < 1.0, "MODEL.DETR.DROPOUT", detr.DROPOUT, "in [0, 1)", "fix the value")
+    _require(not detr.FROZEN_WEIGHTS, "MODEL.DETR.FROZEN_WEIGHTS", detr.FROZEN_WEIGHTS,
+             "empty: detr_d2 does not read it yet (the reference's frozen-detector training "
+             "of a mask head is not implemented)",
+             "remove the key, or give the checkpoint to start from as MODEL.WEIGHTS")
+
+
+def _check_solver(solver):
+    """A non-negative, finite BASE_LR; at least one image per batch."""
+    _require(math.isfinite(solver.BASE_LR) and solver.BASE_LR >= 0, "SOLVER.BASE_LR", solver.BASE_LR,
+             "a finite number >= 0", "fix the value")
+    _require(solver.IMS_PER_BATCH >= 1, "SOLVER.IMS_PER_BATCH", solver.IMS_PER_BATCH,
+             "at least 1", "fix the value")
+
+
+def check_model_config(cfg):
+    """Values of MODEL.DETR and SOLVER that would fail deep inside model building or training
+    (or, for MODEL.DETR.FROZEN_WEIGHTS, be silently ignored)."""
+    _check_detr_sizes(cfg.MODEL.DETR)
+    _check_detr_options(cfg.MODEL.DETR)
+    _check_solver(cfg.SOLVER)
+
+
+def check_output_dir(cfg):
+    """OUTPUT_DIR must be a folder this process can create and write files in."""
+    folder = cfg.OUTPUT_DIR
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SetupError(f"OUTPUT_DIR {folder} cannot be written ({e.strerror or e}: "
+                         f"{e.filename or folder}); choose another OUTPUT_DIR, e.g. "
+                         "`OUTPUT_DIR ./output`.") from e
+
+
+def check_device(cfg):
+    """MODEL.DEVICE must name a device this machine has."""
+    try:
+        device = torch.device(cfg.MODEL.DEVICE)
+    except RuntimeError as e:
+        raise SetupError(f"MODEL.DEVICE {cfg.MODEL.DEVICE!r} is not a torch device: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SetupError(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} (detectron2's default) but no "
+                         "CUDA device is available; add `MODEL.DEVICE cpu` to the command line.")
+
+
+def check_amp(cfg):
+    """Mixed precision (SOLVER.AMP.ENABLED) is refused unless training runs on CUDA.
+
+    detectron2's AMPTrainer is built on ``torch.cuda.amp``; rather than silently training
+    in float32 while the saved config says AMP, the run stops and says how to proceed.
+    """
+    if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+        raise SetupError(f"SOLVER.AMP.ENABLED is True but MODEL.DEVICE is {cfg.MODEL.DEVICE!r}: "
+                         "detectron2's mixed-precision training (AMPTrainer) needs CUDA. Add "
+                         "`SOLVER.AMP.ENABLED False` to train in float32 on this device.")
+
+
+def check_weights_file(path):
+    """A local MODEL.WEIGHTS file must exist (URLs such as detectron2:// are not checked)."""
+    if path and "://" not in path and not os.path.isfile(path):
+        raise SetupError(f"MODEL.WEIGHTS {path} does not exist; give the path of a checkpoint "
+                         "(.pth/.pkl) or leave MODEL.WEIGHTS empty to start from scratch.")
+
+
+def check_weights_to_load(cfg, resume):
+    """The file that ``resume_or_load(resume)`` will read must exist.
+
+    With ``resume`` and a ``last_checkpoint`` in OUTPUT_DIR, that is the checkpoint it
+    names; otherwise MODEL.WEIGHTS.
+    """
+    last = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    if not (resume and os.path.isfile(last)):
+        check_weights_file(cfg.MODEL.WEIGHTS)
+        return
+    with open(last) as f:
+        checkpoint = os.path.join(cfg.OUTPUT_DIR, f.read().strip())
+    if not os.path.isfile(checkpoint):
+        raise SetupError(f"--resume: {last} names {checkpoint}, which does not exist; delete "
+                         f"{last} (or point it at an existing checkpoint) to resume from there.")
