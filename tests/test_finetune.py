@@ -2,7 +2,7 @@
 import torch
 from detectron2.modeling import build_model
 
-from detr_d2.data import register_datasets_from_config
+from detr_d2.data import register_datasets_from_config, resolve_num_classes
 from detr_d2.engine import AtomicDetectionCheckpointer, Trainer
 from tests.fixture_models import config_for_fixture, convert_with_cli, fixture_dir
 from tests.shapes_data import load_prepare_shapes
@@ -33,6 +33,7 @@ def test_finetune_from_converted_checkpoint_without_class_head(tmp_path):
                                                    image_size=96, min_size=20, max_size=40, seed=1)
     cfg = finetune_config(fixture, weights, tmp_path / "data", jsons, tmp_path / "out")
     register_datasets_from_config(cfg)
+    resolve_num_classes(cfg)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     model = trainer.model
