@@ -7,17 +7,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import detr_d2
 from detr_d2.data import DatasetError, register_datasets_from_config, resolve_num_classes, validate_coco_dataset
+from detr_d2.data.shapes import generate_dataset
 from tests.fixture_models import REPO
-from tests.shapes_data import load_prepare_shapes
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """A 2-class (star, cross) COCO-json dataset: {split: json path}, and its folder."""
     root = tmp_path_factory.mktemp("shapes")
-    generator = load_prepare_shapes()
-    paths = generator.generate_dataset(root, ["star", "cross"], {"train": 4, "val": 2}, image_size=64,
-                                       min_size=12, max_size=30, seed=3)
+    paths = generate_dataset(root, ["star", "cross"], {"train": 4, "val": 2}, image_size=64,
+                             min_size=12, max_size=30, seed=3)
     return {split: str(path) for split, path in paths.items()}, root
 
 

@@ -3,9 +3,9 @@ import torch
 from detectron2.modeling import build_model
 
 from detr_d2.data import register_datasets_from_config, resolve_num_classes
+from detr_d2.data.shapes import generate_dataset
 from detr_d2.engine import AtomicDetectionCheckpointer, Trainer
 from tests.fixture_models import config_for_fixture, convert_with_cli, fixture_dir
-from tests.shapes_data import load_prepare_shapes
 
 
 def finetune_config(fixture, weights, data_root, jsons, output_dir):
@@ -29,8 +29,8 @@ def test_finetune_from_converted_checkpoint_without_class_head(tmp_path):
     fixture = fixture_dir("detr_upstream_tiny")
     weights = tmp_path / "no_head.pth"
     assert convert_with_cli(fixture / "checkpoint.pth", weights, "--drop-class-head").returncode == 0
-    jsons = load_prepare_shapes().generate_dataset(tmp_path / "data", ["star", "cross"], {"train": 4, "val": 2},
-                                                   image_size=96, min_size=20, max_size=40, seed=1)
+    jsons = generate_dataset(tmp_path / "data", ["star", "cross"], {"train": 4, "val": 2},
+                             image_size=96, min_size=20, max_size=40, seed=1)
     cfg = finetune_config(fixture, weights, tmp_path / "data", jsons, tmp_path / "out")
     register_datasets_from_config(cfg)
     resolve_num_classes(cfg)

@@ -1,4 +1,5 @@
-"""Tests of datasets/prepare_shapes.py, the synthetic COCO shape-dataset generator."""
+"""Tests of detr_d2.data.shapes, the synthetic COCO shape-dataset generator, and its command line
+datasets/prepare_shapes.py."""
 import json
 import os
 import subprocess
@@ -10,13 +11,10 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
-from tests.shapes_data import load_prepare_shapes
+from detr_d2.data import shapes as ps
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "datasets" / "prepare_shapes.py"
-
-
-ps = load_prepare_shapes()
 
 SMALL = {"train": 4, "val": 3}
 

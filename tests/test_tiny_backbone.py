@@ -14,9 +14,9 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from detr_d2 import add_detr_config
+from detr_d2.data.shapes import generate_dataset
 from detr_d2.engine import merge_config
 from detr_d2.modeling.tiny_backbone import TinyCNN, add_tiny_cnn_config, tiny_cnn_stage_depths
-from tests.shapes_data import load_prepare_shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs" / "shapes" / "Base-Shapes.yaml"
@@ -86,9 +86,8 @@ def test_detr_with_tiny_backbone_trains_and_predicts():
 
 
 def test_pretrain_backbone_writes_a_checkpoint_detr_loads(tmp_path):
-    prepare_shapes = load_prepare_shapes()
     data_dir = tmp_path / "shapes"
-    prepare_shapes.generate_dataset(str(data_dir), ["circle", "triangle"], {"train": 16, "val": 4})
+    generate_dataset(str(data_dir), ["circle", "triangle"], {"train": 16, "val": 4})
     output = tmp_path / "backbone" / "backbone.pth"
     command = [sys.executable, str(PRETRAIN_SCRIPT), "--config-file", str(CONFIG),
                "--dataset-dir", str(data_dir), "--output", str(output), "--max-iter", "3",

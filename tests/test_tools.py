@@ -17,8 +17,8 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
 import detr_d2  # noqa: F401
+from detr_d2.data.shapes import generate_dataset
 from tests.fixture_models import REPO, config_for_fixture, convert_with_cli, fixture_dir
-from tests.shapes_data import load_prepare_shapes
 
 CLASSES = ["circle", "rectangle", "triangle", "star"]  # the fixture model has 4 classes
 IMAGE_SIZE = 128
@@ -43,8 +43,8 @@ def setup(tmp_path_factory):
     weights = root / "tiny.pth"
     converted = convert_with_cli(fixture / "checkpoint.pth", weights)
     assert converted.returncode == 0, converted.stderr
-    jsons = load_prepare_shapes().generate_dataset(root / "shapes", CLASSES, {"train": 3, "val": 4},
-                                                   image_size=IMAGE_SIZE, min_size=30, seed=5)
+    jsons = generate_dataset(root / "shapes", CLASSES, {"train": 3, "val": 4},
+                             image_size=IMAGE_SIZE, min_size=30, seed=5)
     cfg = config_for_fixture(fixture)
     cfg.DATASETS.REGISTER_COCO = (("tools_train", jsons["train"], str(root / "shapes/images/train")),
                                   ("tools_val", jsons["val"], str(root / "shapes/images/val")))
