@@ -30,6 +30,7 @@ from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
 from detr_d2.compat import launch
+from detr_d2.data import register_datasets_from_config
 from detr_d2.engine import AtomicDetectionCheckpointer, Trainer, build_config, check_training_setup, share_cpu_cores
 from detr_d2.engine.config_checks import check_device, check_output_dir, check_weights_to_load
 from detr_d2.engine.one_line_errors import ONE_LINE_ERRORS, user_error_message
@@ -68,12 +69,14 @@ def evaluate(cfg, resume, trust_pickle=False):
     return results
 
 
-def main(args):
-    """One process of the run: set up logging and OUTPUT_DIR, then train or evaluate.
+def main(args, cfg):
+    """One process of the run: set up logging and OUTPUT_DIR, then train or evaluate ``cfg``.
 
-    ``run`` has checked the config before starting the processes.
+    ``run`` has built and checked ``cfg`` before starting the processes; a process that
+    ``launch`` started registers the DATASETS.REGISTER_COCO datasets again (the catalogs
+    are per process; a repeat in the same process is a no-op).
     """
-    cfg = build_config(args.config_file, args.opts)
+    register_datasets_from_config(cfg)
     default_setup(cfg, args)
     share_cpu_cores(cfg)
     if args.eval_only:
@@ -88,24 +91,26 @@ def exit_with(error):
     sys.exit(f"ERROR: {user_error_message(error)}")
 
 
-def main_reporting_user_errors(args):
+def main_reporting_user_errors(args, cfg):
     """``main``, ending the process with the message of a config/data/divergence error, no
     traceback."""
     try:
-        return main(args)
+        return main(args, cfg)
     except ONE_LINE_ERRORS as error:
         exit_with(error)
 
 
 def run(args):
-    """Check the config in this process, then run ``main`` in each process of the job."""
+    """Build and check the config once, in this process, then run ``main`` with it in each
+    process of the job."""
     try:
-        check_run(build_config(args.config_file, args.opts), args)
+        cfg = build_config(args.config_file, args.opts)
+        check_run(cfg, args)
     except ONE_LINE_ERRORS as error:
         exit_with(error)
     try:
         launch(main_reporting_user_errors, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args, cfg))
     except ProcessExitedException as error:
         if error.exit_code is None or error.exit_code <= 0:  # killed by a signal: say so
             raise
