@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 import detr_d2
 from detr_d2.data import pack_batch, register_datasets_from_config
 from detr_d2.engine import Trainer
-from tests.conftest import TINY_CONFIG
+from tests.helpers import TINY_CONFIG
 
 
 def mapped_item(index):

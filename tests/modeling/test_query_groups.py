@@ -7,7 +7,7 @@ from detectron2.utils.events import EventStorage
 
 from detr_d2.engine.build import build_model
 from detr_d2.modeling.query_groups import group_self_attention_mask, groups_as_batch_entries
-from tests.test_model import small_config, training_input
+from tests.helpers import small_config, training_input
 
 QUERIES, GROUPS = 7, 3
 

@@ -17,7 +17,7 @@ from detr_d2.acceleration.prepacked_resnet import prepacked_prefix_length, prepa
 from detr_d2.engine import build_detr_optimizer
 from detr_d2.engine.build import build_model
 from detr_d2.engine.optimizer import set_fused_step
-from tests.test_model import config, small_config, training_input
+from tests.helpers import config, small_config, training_input
 
 
 def randomize_frozen_norms(model, seed=0):

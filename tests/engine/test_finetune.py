@@ -5,7 +5,7 @@ from detectron2.modeling import build_model
 from detr_d2.data import register_datasets_from_config, resolve_num_classes
 from detr_d2.data.shapes import generate_dataset
 from detr_d2.engine import AtomicDetectionCheckpointer, Trainer
-from tests.fixture_models import config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import config_for_fixture, convert_with_cli, fixture_dir
 
 
 def finetune_config(fixture, weights, data_root, jsons, output_dir):

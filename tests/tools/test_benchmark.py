@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY_CONFIG, run_python
+from tests.helpers import REPO, TINY_CONFIG, run_python
 
-BENCHMARK = REPO_ROOT / "tools" / "benchmark.py"
+BENCHMARK = REPO / "tools" / "benchmark.py"
 MEDIAN = re.compile(r"^ *(fast|plain|data): median ([0-9.]+) s/iter", re.MULTILINE)
 COMMON = ["--config-file", str(TINY_CONFIG), "--iters", "2", "--warmup", "1"]
 

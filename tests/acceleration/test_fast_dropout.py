@@ -15,7 +15,7 @@ from detr_d2.acceleration.fast_dropout import (FastMaskDropout, fast_dropout, ke
                                                quantised_drop_probability)
 from detr_d2.acceleration.fast_mask_attention import FastMaskMultiheadAttention, attention
 from detr_d2.engine.build import build_model
-from tests.test_model import small_config, training_input
+from tests.helpers import small_config, training_input
 
 
 @pytest.mark.parametrize("p", [0.02, 0.1, 0.5])

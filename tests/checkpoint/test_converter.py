@@ -7,7 +7,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from detr_d2.checkpoint.convert import COCO_CATEGORY_IDS, COCO_HEAD_ROWS, rename_key, resnet_depth
-from tests.fixture_models import config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import config_for_fixture, convert_with_cli, fixture_dir
 
 
 def reference_state_dict(name):

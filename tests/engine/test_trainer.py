@@ -9,7 +9,6 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from detr_d2 import add_detr_config
-from detr_d2.data import resolve_num_classes
 from detr_d2.engine import (
     AtomicDetectionCheckpointer,
     SetupError,
@@ -19,14 +18,7 @@ from detr_d2.engine import (
 )
 from detr_d2.engine import checkpointer as checkpointer_module
 from detr_d2.engine.config_checks import check_amp, check_weights_to_load
-from tests.conftest import REPO_ROOT, TINY_CONFIG
-
-
-def tiny_cfg(*opts):
-    """configs/tests/tiny.yaml with ``KEY VALUE`` overrides, NUM_CLASSES from its data (80)."""
-    cfg = merge_config(add_detr_config(get_cfg()), str(TINY_CONFIG), [str(o) for o in opts])
-    resolve_num_classes(cfg)
-    return cfg
+from tests.helpers import REPO, TINY_CONFIG, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +199,7 @@ COCO_TRAIN_IMAGES = 118287  # all of train2017: FILTER_EMPTY_ANNOTATIONS is Fals
 @pytest.mark.parametrize("name, epochs, drop_epoch", [("detr_r50_500ep", 500, 400),
                                                       ("detr_r50_150ep", 150, 100)])
 def test_schedules_follow_the_epochs_to_iterations_rule(name, epochs, drop_epoch):
-    cfg = build_config(str(REPO_ROOT / "configs" / "schedules" / f"{name}.yaml"), [])
+    cfg = build_config(str(REPO / "configs" / "schedules" / f"{name}.yaml"), [])
     solver = cfg.SOLVER
 
     def iterations(n_epochs):

@@ -20,7 +20,7 @@ import torchvision
 
 from detr_d2.engine import AtomicDetectionCheckpointer, SetupError
 from detr_d2.utils.predictor import load_inference_weights
-from tests.test_robustness_support import (
+from tests.helpers import (
     TOOLS,
     assert_one_line_error,
     assert_succeeded,

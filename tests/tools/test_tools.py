@@ -18,7 +18,7 @@ from detectron2.modeling import build_model
 
 import detr_d2  # noqa: F401
 from detr_d2.data.shapes import generate_dataset
-from tests.fixture_models import REPO, config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import REPO, config_for_fixture, convert_with_cli, fixture_dir
 
 CLASSES = ["circle", "rectangle", "triangle", "star"]  # the fixture model has 4 classes
 IMAGE_SIZE = 128

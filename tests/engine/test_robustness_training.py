@@ -12,8 +12,8 @@ import torch
 from detr_d2.engine import AtomicDetectionCheckpointer
 from detr_d2.engine.finite_checks import check_finite_losses
 from detr_d2.errors import NonFiniteValuesError
-from tests.conftest import TINY_CONFIG
-from tests.test_robustness_support import (
+from tests.helpers import (
+    TINY_CONFIG,
     assert_one_line_error,
     run_concurrently,
     run_one,

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from detr_d2.engine import AtomicDetectionCheckpointer
-from tests.conftest import subprocess_env
-from tests.test_robustness_support import REPO_ROOT, assert_succeeded, run_one, tiny_model, train_net
+from tests.helpers import REPO, assert_succeeded, run_one, subprocess_env, tiny_model, train_net
 
 MAX_ITER = 16
 OPTS = ["SOLVER.MAX_ITER", MAX_ITER, "SOLVER.CHECKPOINT_PERIOD", 4, "DATASETS.TEST", "()"]
@@ -56,7 +55,7 @@ def load_tiny(path):
 def start_and_kill_after_first_checkpoint(command, output_dir, datasets_root, timeout=600):
     """Start ``python COMMAND``, SIGKILL it as soon as ``last_checkpoint`` appears; its
     exit status and the checkpoint name ``last_checkpoint`` held at the kill."""
-    process = subprocess.Popen([sys.executable, *map(str, command)], cwd=REPO_ROOT,
+    process = subprocess.Popen([sys.executable, *map(str, command)], cwd=REPO,
                                env=subprocess_env(datasets_root), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     last = output_dir / "last_checkpoint"
@@ -96,8 +95,8 @@ def test_sigkill_during_training_then_resume_continues_from_last_checkpoint(data
 @pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(datasets_root, tmp_path):
     output_dir = tmp_path / "out"
-    run = run_one(["-c", KILL_WHILE_SAVING, REPO_ROOT / "tools" / "train_net.py", "--config-file",
-                   REPO_ROOT / "configs" / "tests" / "tiny.yaml", "OUTPUT_DIR", output_dir, *OPTS],
+    run = run_one(["-c", KILL_WHILE_SAVING, REPO / "tools" / "train_net.py", "--config-file",
+                   REPO / "configs" / "tests" / "tiny.yaml", "OUTPUT_DIR", output_dir, *OPTS],
                   datasets_root)
 
     assert run.returncode == -signal.SIGKILL, run.output[-3000:]

@@ -1,6 +1,6 @@
 """Train configs/tests/tiny.yaml in two CPU processes (gloo + DDP); each saves its weights.
 
-Used by tests/test_train_net.py: ``python tests/ddp_two_process_train.py OUTPUT_DIR`` with
+Used by tests/engine/test_train_net.py: ``python tests/engine/ddp_two_process_train.py OUTPUT_DIR`` with
 $DETECTRON2_DATASETS pointing at the test data. Each rank r writes OUTPUT_DIR/rank<r>.pth:
 {"model": state_dict after training, "initial": state_dict before training,
 "ddp": whether the trained model was wrapped in DistributedDataParallel, "world_size"}.
@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from detr_d2.compat import launch
 from detr_d2.engine import Trainer, build_config, share_cpu_cores
 
-TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "tests", "tiny.yaml")
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tests", "tiny.yaml")
 OPTS = ["SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TEST", "()"]
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.fixture_models import REPO
+from tests.helpers import REPO
 
 BUNDLED = REPO / "checkpoints" / "shapes_detr_tiny.pth"
 

@@ -1,51 +1,11 @@
 """The Detr meta-architecture built from configs: sizes, training and inference contracts."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-import detr_d2
-from detr_d2.data import resolve_num_classes
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh, normalized_cxcywh_to_absolute_xyxy
-from tests.fixture_models import REPO
-
-
-def merged_config(name, *opts):
-    """configs/``name`` with ``opts`` on detectron2's and detr_d2's defaults, on the CPU."""
-    cfg = get_cfg()
-    detr_d2.add_detr_config(cfg)
-    cfg.merge_from_file(str(REPO / "configs" / name))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
-
-
-def config(name, *opts):
-    """``merged_config`` with NUM_CLASSES taken from the datasets when unset, as build_config does."""
-    cfg = merged_config(name, *opts)
-    if cfg.MODEL.DETR.NUM_CLASSES is None:
-        resolve_num_classes(cfg)
-    return cfg
-
-
-def parameter_counts(model):
-    return (sum(p.numel() for p in model.parameters()),
-            sum(p.numel() for p in model.parameters() if p.requires_grad))
-
-
-def small_config(*opts):
-    return config("detr_r50.yaml", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-                  "MODEL.DETR.HIDDEN_DIM", "32", "MODEL.DETR.DIM_FEEDFORWARD", "64", "MODEL.DETR.ENC_LAYERS", "1",
-                  "MODEL.DETR.DEC_LAYERS", "2", "MODEL.DETR.NUM_OBJECT_QUERIES", "7", "MODEL.DETR.NUM_CLASSES", "3",
-                  *opts)
-
-
-def training_input(height, width, boxes, classes):
-    instances = Instances((height, width))
-    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "instances": instances}
+from tests.helpers import REPO, config, merged_config, parameter_counts, small_config, training_input
 
 
 @pytest.mark.parametrize("name, opts, total, trainable", [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from detr_d2.checkpoint.convert import COCO_HEAD_ROWS
-from tests.fixture_models import chw_images, converted_fixture_model
+from tests.helpers import chw_images, converted_fixture_model
 
 TINY = "detr_upstream_tiny"
 DC5 = "detr_upstream_r50dc5_coco92"

@@ -12,9 +12,9 @@ import pytest
 from pycocotools.coco import COCO
 
 from detr_d2.data import shapes as ps
+from tests.helpers import REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "datasets" / "prepare_shapes.py"
+SCRIPT = REPO / "datasets" / "prepare_shapes.py"
 
 SMALL = {"train": 4, "val": 3}
 
@@ -195,7 +195,7 @@ def test_cli_subprocess(tmp_path):
     output_dir = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--preset", "custom", "--output", str(output_dir),
            "--splits", "train:5,val:3"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 0, result.stderr
     for split, num_images in (("train", 5), ("val", 3)):
         coco = COCO(str(output_dir / "annotations" / f"{split}.json"))
@@ -203,7 +203,7 @@ def test_cli_subprocess(tmp_path):
         assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["star", "cross"]
     assert len(list((output_dir / "images" / "train").glob("*.png"))) == 5
 
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert again.returncode == 0 and "skipping" in again.stdout
 
 

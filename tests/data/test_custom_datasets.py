@@ -8,7 +8,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 import detr_d2
 from detr_d2.data import DatasetError, register_datasets_from_config, resolve_num_classes, validate_coco_dataset
 from detr_d2.data.shapes import generate_dataset
-from tests.fixture_models import REPO
+from tests.helpers import REPO
 
 
 @pytest.fixture(scope="module")

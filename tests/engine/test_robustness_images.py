@@ -21,7 +21,7 @@ from PIL import Image
 
 from detr_d2.data import DetrDatasetMapper
 from detr_d2.data.image_io import BadImageError
-from tests.test_robustness_support import (
+from tests.helpers import (
     TOOLS,
     assert_one_line_error,
     assert_succeeded,

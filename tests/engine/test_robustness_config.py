@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_robustness_support import assert_one_line_error, run_concurrently, train_net
+from tests.helpers import assert_one_line_error, run_concurrently, train_net
 
 # id: (extra args (flags first, then KEY VALUE pairs), strings the error line must name)
 CASES = {

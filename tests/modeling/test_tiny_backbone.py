@@ -1,7 +1,6 @@
 """The tiny CNN backbone, a Detr built on it from configs/shapes, and tools/pretrain_backbone.py."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +16,10 @@ from detr_d2 import add_detr_config
 from detr_d2.data.shapes import generate_dataset
 from detr_d2.engine import merge_config
 from detr_d2.modeling.tiny_backbone import TinyCNN, add_tiny_cnn_config, tiny_cnn_stage_depths
+from tests.helpers import REPO
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG = REPO_ROOT / "configs" / "shapes" / "Base-Shapes.yaml"
-PRETRAIN_SCRIPT = REPO_ROOT / "tools" / "pretrain_backbone.py"
+CONFIG = REPO / "configs" / "shapes" / "Base-Shapes.yaml"
+PRETRAIN_SCRIPT = REPO / "tools" / "pretrain_backbone.py"
 
 
 def _shapes_cfg(*opts):
@@ -93,7 +92,7 @@ def test_pretrain_backbone_writes_a_checkpoint_detr_loads(tmp_path):
                "--dataset-dir", str(data_dir), "--output", str(output), "--max-iter", "3",
                "--max-minutes", "0", "--batch-size", "4", "--eval-period", "0",
                "--warmup-iters", "2", "--log-period", "1"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "dense head AP" in result.stdout + result.stderr
     assert output.is_file() and (tmp_path / "backbone" / "backbone_log.txt").is_file()

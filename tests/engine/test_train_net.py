@@ -10,12 +10,12 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, TINY_CONFIG, read_metrics, run_python, run_train_net
+from tests.helpers import REPO, TINY_CONFIG, read_metrics, run_python, run_train_net
 
 TRAIN_METRICS = ("loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error",
                  "lr", "time", "data_time", "total_loss")
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-DDP_SCRIPT = REPO_ROOT / "tests" / "ddp_two_process_train.py"
+DDP_SCRIPT = REPO / "tests" / "engine" / "ddp_two_process_train.py"
 
 
 def assert_succeeded(result):

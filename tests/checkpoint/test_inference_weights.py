@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 from detr_d2.engine import AtomicDetectionCheckpointer, SetupError
-from tests.fixture_models import REPO, config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import REPO, config_for_fixture, convert_with_cli, fixture_dir
 
 
 @pytest.fixture(scope="module")
