@@ -9,7 +9,8 @@ setup(
     name="detr_d2",
     version="0.1.0",
     description="DETR (DEtection TRansformer) as a detectron2 plugin",
-    packages=find_packages(include=("detr_d2", "detr_d2.*")),
+    # detr_d2_deploy: the torch-free ONNX predictor (numpy, onnxruntime, Pillow; OpenCV to draw)
+    packages=find_packages(include=("detr_d2", "detr_d2.*", "detr_d2_deploy", "detr_d2_deploy.*")),
     python_requires=">=3.9",
     install_requires=[
         "torch>=1.10",
@@ -23,5 +24,9 @@ setup(
         "tqdm",                    # progress bars
         "psutil",                  # resident-memory readings in tools/benchmark.py
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={
+        "test": ["pytest", "pytest-timeout"],
+        # tools/export_model.py (dynamo ONNX exporter: onnxscript), tools/predict_onnx.py
+        "export": ["onnx>=1.23", "onnxruntime>=1.31", "onnxscript"],
+    },
 )
