@@ -40,8 +40,12 @@ def _add_model_keys(cfg):
     cfg.MODEL.DETR.COST_GIOU = 2.0
     cfg.MODEL.DETR.DEEP_SUPERVISION = True
     cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
-    # Kept for the original wrapper's configs; not read yet, so a non-empty value is refused
-    # (detr_d2.engine.config_checks) rather than silently ignored.
+    # With MODEL.MASK_ON: weights of the mask losses (sigmoid focal, dice) of the last layer.
+    cfg.MODEL.DETR.MASK_WEIGHT = 1.0
+    cfg.MODEL.DETR.DICE_WEIGHT = 1.0
+    # The reference's second stage of mask training: a detector checkpoint loaded into the
+    # detection part (everything but the mask head), which is then frozen; only the mask
+    # head trains. Needs MODEL.MASK_ON. "" = train everything (end to end).
     cfg.MODEL.DETR.FROZEN_WEIGHTS = ""
     # Faster computations that give the same numbers up to float rounding (Detr.set_fast_paths):
     # each FrozenBatchNorm folded into its convolution; on the CPU, oneDNN prepacked ResNet
@@ -50,6 +54,12 @@ def _add_model_keys(cfg):
     # dropout masks from 16-bit random slices in training (other masks than torch's, same
     # drop rate to 1/65536). False runs the plain computation (tools/benchmark.py --compare-plain).
     cfg.MODEL.DETR.FAST_PATHS = True
+
+
+def _add_mask_keys(cfg):
+    # MODEL.MASK_ON (detectron2's key) adds DETR's mask head. A pixel belongs to a query's
+    # predicted mask where sigmoid(mask logit) > MASK_THRESHOLD (the original wrapper's key).
+    cfg.MODEL.MASK_THRESHOLD = 0.5
 
 
 def _add_solver_keys(cfg):
@@ -78,6 +88,7 @@ def _add_dataset_keys(cfg):
 def add_detr_config(cfg):
     """Add every detr_d2 key, with the reference DETR's values, to ``cfg`` in place."""
     _add_model_keys(cfg)
+    _add_mask_keys(cfg)
     _add_solver_keys(cfg)
     _add_input_keys(cfg)
     _add_dataset_keys(cfg)

@@ -299,6 +299,7 @@ def config_for_fixture(path):
     detr.DROPOUT, detr.PRE_NORM = spec["dropout"], spec["pre_norm"]
     detr.NUM_CLASSES = 80 if spec["num_classes"] == 91 else spec["num_classes"]
     detr.NO_OBJECT_WEIGHT = spec["eos_coef"]
+    cfg.MODEL.MASK_ON = "mask_head_dims" in spec  # a DETRsegm fixture
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 

@@ -6,7 +6,10 @@ Reference keys -> detr_d2 keys:
   ``res{i+1}.{j}.conv{k}``, ``bn{k}`` -> ``conv{k}.norm``, ``downsample.0/1`` ->
   ``shortcut``/``shortcut.norm``);
 - ``backbone.1.*`` (learned position embedding) -> ``position_embedding.*``;
-- transformer, heads, queries and input projection keep their names.
+- transformer, heads, queries and input projection keep their names;
+- segmentation checkpoints (``DETRsegm``): ``detr.*`` is the detection model (renamed as
+  above), ``bbox_attention.*`` -> ``mask_head.attention_map.*``, ``mask_head.*`` ->
+  ``mask_head.fpn.*``.
 A 92-output COCO class head (category ids 0..90 + no-object) is reduced to detectron2's
 80 contiguous COCO classes + no-object.
 """
@@ -25,6 +28,8 @@ COCO_HEAD_ROWS = COCO_CATEGORY_IDS + (91,)
 REFERENCE_COCO_HEAD_SIZE = 92
 CLASS_HEAD_KEYS = ("class_embed.weight", "class_embed.bias")
 UNCHANGED_PREFIXES = ("transformer.", "class_embed.", "bbox_embed.", "query_embed.", "input_proj.")
+SEGM_DETECTOR_PREFIX = "detr."
+MASK_HEAD_PREFIXES = {"bbox_attention.": "mask_head.attention_map.", "mask_head.": "mask_head.fpn."}
 BLOCK_COUNTS_TO_DEPTH = {
     ((2, 2, 2, 2), False): 18,
     ((3, 4, 6, 3), False): 34,
@@ -56,11 +61,18 @@ def extract_state_dict(checkpoint, source):
         keys = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ConversionError(f"{source} is not a reference DETR checkpoint: expected a dict with a "
                               f"'model' state dict, found {keys}")
-    state_dict = checkpoint["model"]
+    state_dict = without_segm_detector_prefix(checkpoint["model"])
     if not any(k.startswith("transformer.") for k in state_dict) or "query_embed.weight" not in state_dict:
         raise ConversionError(f"{source} has no DETR transformer/query_embed tensors; first keys: "
                               f"{sorted(state_dict)[:8]}. Is it a DETR checkpoint?")
     return state_dict
+
+
+def without_segm_detector_prefix(state_dict):
+    """A segmentation checkpoint's ``detr.*`` keys without the prefix (others unchanged), so
+    that its detection model reads like a detection checkpoint."""
+    return {key[len(SEGM_DETECTOR_PREFIX):] if key.startswith(SEGM_DETECTOR_PREFIX) else key: value
+            for key, value in state_dict.items()}
 
 
 def resnet_depth(body_keys):
@@ -86,6 +98,9 @@ def rename_key(key):
     """Reference key -> detr_d2 key, or None for a key the converter does not know."""
     if key.startswith(UNCHANGED_PREFIXES):
         return key
+    for prefix, replacement in MASK_HEAD_PREFIXES.items():
+        if key.startswith(prefix):
+            return replacement + key[len(prefix):]
     if key.startswith("backbone.1."):
         return "position_embedding." + key[len("backbone.1."):]
     if key.startswith("backbone.0.body."):
@@ -117,6 +132,8 @@ def convert_state_dict(reference, drop_class_head=False, source="checkpoint"):
     converted = {new: reference[old] for old, new in renamed.items() if new}
     head_size = converted["class_embed.weight"].shape[0]
     notes = [f"backbone ResNet-{depth} (dilation is not stored in weights: use a *_dc5 config for DC5)"]
+    if any(key.startswith("mask_head.") for key in converted):
+        notes.append("mask head (bbox_attention, mask_head) kept: load into a MODEL.MASK_ON config")
     if drop_class_head:
         for key in CLASS_HEAD_KEYS:
             del converted[key]

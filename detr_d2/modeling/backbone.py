@@ -53,7 +53,12 @@ class MaskedBackbone(nn.Module):
         """{name: [B, C, h, w]}: every output feature of the body for the padded batch."""
         return self.body(tensor)
 
-    def forward(self, tensor, image_sizes):
-        features = self.body_features(tensor)[self.in_feature]
+    def all_features_and_mask(self, tensor, image_sizes):
+        """({name: [B, C, h, w]} every body output, mask [B, h', w'] of ``in_feature``)."""
+        features = self.body_features(tensor)
         pixel_mask = pixel_padding_mask(image_sizes, tensor.shape[-2:], tensor.device)
-        return features, feature_padding_mask(pixel_mask, features.shape[-2:])
+        return features, feature_padding_mask(pixel_mask, features[self.in_feature].shape[-2:])
+
+    def forward(self, tensor, image_sizes):
+        features, mask = self.all_features_and_mask(tensor, image_sizes)
+        return features[self.in_feature], mask

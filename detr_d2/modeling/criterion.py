@@ -1,9 +1,12 @@
-"""DETR's set criterion: classification, L1 and GIoU losses over Hungarian-matched pairs.
+"""DETR's set criterion: classification, L1 and GIoU losses over Hungarian-matched pairs,
+and with masks the focal and dice losses of the matched masks (last decoder layer).
 
-Each loss family (``labels``, ``boxes``, ``cardinality``) is one method with one
-signature, listed in ``SetCriterion.loss_families``; a new family (e.g. masks) is one
-more method there and its weights in ``weight_dict``.
+Each loss family (``labels``, ``boxes``, ``cardinality``, ``masks``) is one method with one
+signature, listed in ``SetCriterion.loss_families``; a new family is one more method there
+and its weights in ``weight_dict``.
 """
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -36,19 +39,62 @@ def _matched_targets(targets, indices, key):
     return torch.cat([t[key][tgt] for t, (_, tgt) in zip(targets, indices)])
 
 
+class LayerPredictions(NamedTuple):
+    """One decoder layer's predictions: logits [B, Q, K+1], boxes [B, Q, 4] normalised
+    cxcywh, mask_logits [B, Q, h, w] (None without a mask head and for earlier layers)."""
+
+    logits: torch.Tensor
+    boxes: torch.Tensor
+    mask_logits: Optional[torch.Tensor] = None
+
+
+def padded_target_masks(targets):
+    """Every image's "masks" [n_i, h_i, w_i] zero-padded at the bottom/right to the largest
+    h and w of the batch: [B, max n, H, W] float."""
+    masks = [t["masks"] for t in targets]
+    height = max(m.shape[-2] for m in masks)
+    width = max(m.shape[-1] for m in masks)
+    padded = masks[0].new_zeros((len(masks), max(len(m) for m in masks), height, width), dtype=torch.float32)
+    for i, m in enumerate(masks):
+        padded[i, :len(m), :m.shape[-2], :m.shape[-1]] = m
+    return padded
+
+
+def sigmoid_focal_loss(logits, targets, num_boxes, alpha=0.25, gamma=2.0):
+    """Focal loss (Lin et al. 2017) of logits / 0-1 targets [N, P]: mean over the P pixels
+    of each mask, summed over masks, divided by ``num_boxes``."""
+    probability = logits.sigmoid()
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probability * targets + (1 - probability) * (1 - targets)
+    loss = cross_entropy * (1 - p_t) ** gamma * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss.mean(1).sum() / num_boxes
+
+
+def dice_loss(logits, targets, num_boxes):
+    """1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) per mask of logits / targets [N, P],
+    p = sigmoid(logits); summed over masks, divided by ``num_boxes``."""
+    probability = logits.sigmoid()
+    numerator = 2 * (probability * targets).sum(1)
+    denominator = probability.sum(1) + targets.sum(1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_boxes
+
+
 class SetCriterion(nn.Module):
     """Losses of DETR for the final decoder layer and (with deep supervision) every earlier one.
 
-    forward(logits [L, B, Q, K+1], boxes [L, B, Q, 4] cxcywh normalised, targets) -> dict of
-    UNWEIGHTED values: loss_ce, loss_bbox, loss_giou, class_error, cardinality_error for the
-    last layer and the same with suffix ``_i`` (no class_error) for earlier layer i.
+    forward(logits [L, B, Q, K+1], boxes [L, B, Q, 4] cxcywh normalised, targets,
+    mask_logits [B, Q, h, w] of the last layer or None) -> dict of UNWEIGHTED values:
+    loss_ce, loss_bbox, loss_giou, class_error, cardinality_error (and with masks
+    loss_mask, loss_dice) for the last layer and loss_ce, loss_bbox, loss_giou,
+    cardinality_error with suffix ``_i`` for earlier layer i.
     ``weight_dict`` holds the weight of every trained key; the logged-only keys
     (class_error, cardinality_error) are not in it.
     """
 
     @configurable
     def __init__(self, *, num_classes, matcher, no_object_weight=0.1, class_weight=1.0,
-                 l1_weight=5.0, giou_weight=2.0, num_decoder_layers=6, deep_supervision=True):
+                 l1_weight=5.0, giou_weight=2.0, num_decoder_layers=6, deep_supervision=True,
+                 mask_weights=None):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -63,6 +109,9 @@ class SetCriterion(nn.Module):
         if deep_supervision:
             for i in range(num_decoder_layers - 1):
                 self.weight_dict.update({f"{k}_{i}": v for k, v in last_layer_weights.items()})
+        if mask_weights is not None:
+            self.loss_families["masks"] = self.loss_masks
+            self.weight_dict.update(mask_weights)
 
     @classmethod
     def from_config(cls, cfg):
@@ -76,11 +125,14 @@ class SetCriterion(nn.Module):
             "giou_weight": detr.GIOU_WEIGHT,
             "num_decoder_layers": detr.DEC_LAYERS,
             "deep_supervision": detr.DEEP_SUPERVISION,
+            "mask_weights": ({"loss_mask": detr.MASK_WEIGHT, "loss_dice": detr.DICE_WEIGHT}
+                             if cfg.MODEL.MASK_ON else None),
         }
 
-    def loss_labels(self, logits, boxes, targets, indices, num_boxes, is_last):
+    def loss_labels(self, predictions, targets, indices, num_boxes, is_last):
         """Weighted cross-entropy over all queries (unmatched ones -> no-object); for the last
         layer also ``class_error``."""
+        logits = predictions.logits
         positions = _matched_positions(indices)
         matched_labels = _matched_targets(targets, indices, "labels")
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
@@ -101,31 +153,49 @@ class SetCriterion(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def loss_cardinality(logits, boxes, targets, indices, num_boxes, is_last):
+    def loss_cardinality(predictions, targets, indices, num_boxes, is_last):
         """``cardinality_error``: mean over images of |#queries not predicting no-object - #targets|
         (logged, not trained)."""
+        logits = predictions.logits
         predicted = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).float()
         expected = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
         return {"cardinality_error": F.l1_loss(predicted, expected)}
 
     @staticmethod
-    def loss_boxes(logits, boxes, targets, indices, num_boxes, is_last):
+    def loss_boxes(predictions, targets, indices, num_boxes, is_last):
         """L1 and 1-GIoU summed over matched pairs, divided by ``num_boxes``."""
-        matched_pred = boxes[_matched_positions(indices)]
+        matched_pred = predictions.boxes[_matched_positions(indices)]
         matched_target = _matched_targets(targets, indices, "boxes")
         loss_bbox = F.l1_loss(matched_pred, matched_target, reduction="none").sum() / num_boxes
         giou = torch.diag(generalized_box_iou(box_convert(matched_pred, "cxcywh", "xyxy"),
                                               box_convert(matched_target, "cxcywh", "xyxy")))
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
-    def layer_losses(self, logits, boxes, targets, indices, num_boxes, is_last):
-        """Every loss family for one decoder layer: logits [B, Q, K+1], boxes [B, Q, 4]."""
+    @staticmethod
+    def loss_masks(predictions, targets, indices, num_boxes, is_last):
+        """Last layer only: ``loss_mask`` (sigmoid focal, alpha 0.25, gamma 2) and ``loss_dice``
+        of the matched queries' mask logits, upsampled bilinearly to the batch's padded target
+        mask size, over every pixel (padding included), divided by ``num_boxes``."""
+        if not is_last:
+            return {}
+        target_masks = padded_target_masks(targets)
+        image_index, _ = _matched_positions(indices)
+        target_index = torch.cat([tgt for _, tgt in indices])
+        matched_targets = target_masks[image_index, target_index].flatten(1)
+        matched_logits = predictions.mask_logits[_matched_positions(indices)]
+        upsampled = F.interpolate(matched_logits[:, None], size=target_masks.shape[-2:], mode="bilinear",
+                                  align_corners=False)[:, 0].flatten(1)
+        return {"loss_mask": sigmoid_focal_loss(upsampled, matched_targets, num_boxes),
+                "loss_dice": dice_loss(upsampled, matched_targets, num_boxes)}
+
+    def layer_losses(self, predictions, targets, indices, num_boxes, is_last):
+        """Every loss family for one decoder layer's ``LayerPredictions``."""
         losses = {}
         for family in self.loss_families.values():
-            losses.update(family(logits, boxes, targets, indices, num_boxes, is_last))
+            losses.update(family(predictions, targets, indices, num_boxes, is_last))
         return losses
 
-    def forward(self, logits, boxes, targets):
+    def forward(self, logits, boxes, targets, mask_logits=None):
         if not self.deep_supervision:
             logits, boxes = logits[-1:], boxes[-1:]
         num_boxes = num_boxes_normalizer(targets, logits.device)
@@ -133,8 +203,9 @@ class SetCriterion(nn.Module):
         losses = {}
         last = len(logits) - 1
         for layer in range(len(logits)):
-            suffix = "" if layer == last else f"_{layer}"
-            per_layer = self.layer_losses(logits[layer], boxes[layer], targets, indices[layer],
-                                          num_boxes, layer == last)
+            is_last = layer == last
+            suffix = "" if is_last else f"_{layer}"
+            predictions = LayerPredictions(logits[layer], boxes[layer], mask_logits if is_last else None)
+            per_layer = self.layer_losses(predictions, targets, indices[layer], num_boxes, is_last)
             losses.update({key + suffix: value for key, value in per_layer.items()})
         return losses

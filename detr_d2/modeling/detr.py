@@ -2,13 +2,14 @@
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import ImageList
+from detectron2.structures import BitMasks, ImageList, PolygonMasks
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
+from detr_d2.modeling.mask_head import FPN_FEATURES, MaskHead
 from detr_d2.modeling.mlp import MLP
 from detr_d2.modeling.position_encoding import build_position_embedding
 from detr_d2.modeling.postprocess import results_for_batch
@@ -26,12 +27,45 @@ def _put_in_event_storage(metrics):
     storage.put_scalars(**dict(zip(metrics, values)))
 
 
+MASK_HEAD_FEATURES = ("res2", "res3", "res4", "res5")
+
+
+def with_mask_head_features(cfg):
+    """With MODEL.MASK_ON and a detectron2 ResNet: ``cfg`` whose MODEL.RESNETS.OUT_FEATURES
+    also holds res2-res5 (the mask head reads them); otherwise ``cfg`` itself."""
+    if not cfg.MODEL.MASK_ON or cfg.MODEL.BACKBONE.NAME != "build_resnet_backbone":
+        return cfg
+    out_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
+    missing = [name for name in MASK_HEAD_FEATURES if name not in out_features]
+    if not missing:
+        return cfg
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.RESNETS.OUT_FEATURES = out_features + missing
+    return cfg
+
+
 def build_masked_backbone(cfg):
     """detectron2's backbone from the config, wrapped to return DETR's padding mask."""
-    body = build_backbone(cfg)
+    body = build_backbone(with_mask_head_features(cfg))
     if cfg.MODEL.RESNETS.RES5_DILATION == 2 and hasattr(body, "res5"):
         undilate_first_res5_block(body)
     return MaskedBackbone(body, cfg.MODEL.DETR.IN_FEATURE)
+
+
+def build_mask_head(cfg, backbone):
+    """The mask head of MODEL.MASK_ON (None when off); its adapters take the backbone's
+    res4, res3, res2 channel counts."""
+    if not cfg.MODEL.MASK_ON:
+        return None
+    shapes = backbone.body.output_shape()
+    missing = [name for name in FPN_FEATURES if name not in shapes]
+    if missing:
+        raise ValueError(f"MODEL.MASK_ON needs the backbone features res2-res5, but "
+                         f"{cfg.MODEL.BACKBONE.NAME} gives {sorted(shapes)} (no {missing}); use a ResNet "
+                         "backbone with MODEL.RESNETS.OUT_FEATURES ['res2', 'res3', 'res4', 'res5']")
+    detr = cfg.MODEL.DETR
+    return MaskHead(detr.HIDDEN_DIM, detr.NHEADS, [shapes[name].channels for name in FPN_FEATURES])
 
 
 def build_transformer(cfg):
@@ -53,6 +87,14 @@ def configured_num_classes(cfg):
     return num_classes
 
 
+def bool_masks(instances, height, width):
+    """``gt_masks`` of ``instances`` (PolygonMasks or BitMasks) as bool [n, height, width]."""
+    gt_masks = instances.gt_masks
+    if isinstance(gt_masks, PolygonMasks):
+        gt_masks = BitMasks.from_polygon_masks(gt_masks, height, width)
+    return gt_masks.tensor.to(torch.bool)
+
+
 @META_ARCH_REGISTRY.register()
 class Detr(nn.Module):
     """DETR: backbone -> 1x1 projection -> transformer -> class and box heads per query.
@@ -66,13 +108,17 @@ class Detr(nn.Module):
     Inference output: [{"instances": Instances}] with every query: ``pred_boxes`` xyxy in
     pixels of the requested size, ``scores``, ``pred_classes``.
 
+    With a ``mask_head`` (MODEL.MASK_ON): training inputs also carry ``gt_masks``
+    (PolygonMasks or BitMasks), the losses add loss_mask and loss_dice (last layer), and the
+    instances add ``pred_masks`` bool [Q, height, width].
+
     Variants override ``queries`` (the decoder's queries) and ``losses`` (training
     targets and criterion), e.g. ``GroupDetr``.
     """
 
     @configurable
     def __init__(self, *, backbone, position_embedding, transformer, criterion, num_classes,
-                 num_queries, pixel_mean, pixel_std):
+                 num_queries, pixel_mean, pixel_std, mask_head=None, mask_threshold=0.5):
         super().__init__()
         hidden_dim = transformer.d_model
         self.backbone = backbone
@@ -84,6 +130,8 @@ class Detr(nn.Module):
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.criterion = criterion
         self.num_classes = num_classes
+        self.mask_head = mask_head
+        self.mask_threshold = mask_threshold
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -94,8 +142,11 @@ class Detr(nn.Module):
             raise ValueError(f"MODEL.DETR.NUM_QUERY_GROUPS {detr.NUM_QUERY_GROUPS} needs MODEL.META_ARCHITECTURE "
                              "'GroupDetr' (detr_d2.engine.build_model picks it for 'Detr')")
         num_classes = configured_num_classes(cfg)
+        backbone = build_masked_backbone(cfg)
         return {
-            "backbone": build_masked_backbone(cfg),
+            "backbone": backbone,
+            "mask_head": build_mask_head(cfg, backbone),
+            "mask_threshold": cfg.MODEL.MASK_THRESHOLD,
             "position_embedding": build_position_embedding(detr.POSITION_EMBEDDING, detr.HIDDEN_DIM),
             "transformer": build_transformer(cfg),
             "criterion": SetCriterion(cfg),
@@ -127,13 +178,28 @@ class Detr(nn.Module):
         hidden = self.transformer(self.input_proj(features), mask, query_embed, pos, query_attn_mask)
         return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid()
 
+    def predict_with_masks(self, images):
+        """As ``predict``, plus the mask head's logits [B, Q, h2, w2] (res2 size of the padded
+        batch) for the last decoder layer: (logits, boxes, mask_logits)."""
+        levels, mask = self.backbone.all_features_and_mask(images.tensor, images.image_sizes)
+        features = levels[self.backbone.in_feature]
+        pos = self.position_embedding(mask).to(features.dtype)
+        query_embed, query_attn_mask = self.queries()
+        projected = self.input_proj(features)
+        hidden, memory = self.transformer.encode_decode(projected, mask, query_embed, pos, query_attn_mask)
+        mask_logits = self.mask_head(hidden[-1], memory, projected, mask, levels)
+        return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid(), mask_logits
+
     def prepare_targets(self, batched_inputs, image_sizes):
-        """Per image {"labels": [n] int64, "boxes": [n, 4] cxcywh normalised by the unpadded size}."""
+        """Per image {"labels": [n] int64, "boxes": [n, 4] cxcywh normalised by the unpadded size},
+        with a mask head also "masks": bool [n, h, w] at the unpadded image size."""
         targets = []
         for item, (height, width) in zip(batched_inputs, image_sizes):
             instances = item["instances"].to(self.device)
             boxes = absolute_xyxy_to_normalized_cxcywh(instances.gt_boxes.tensor, height, width)
             targets.append({"labels": instances.gt_classes.long(), "boxes": boxes})
+            if self.mask_head is not None:
+                targets[-1]["masks"] = bool_masks(instances, height, width)
         return targets
 
     def weighted_losses(self, unweighted):
@@ -142,14 +208,19 @@ class Detr(nn.Module):
         _put_in_event_storage({k: v for k, v in unweighted.items() if k not in weights})
         return {k: v * weights[k] for k, v in unweighted.items() if k in weights}
 
-    def losses(self, logits, boxes, targets):
-        """The criterion's unweighted values for predictions of ``predict`` and ``prepare_targets``."""
-        return self.criterion(logits, boxes, targets)
+    def losses(self, logits, boxes, targets, mask_logits=None):
+        """The criterion's unweighted values for predictions of ``predict`` (or
+        ``predict_with_masks``) and ``prepare_targets``."""
+        return self.criterion(logits, boxes, targets, mask_logits)
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        logits, boxes = self.predict(images)
+        if self.mask_head is None:
+            (logits, boxes), mask_logits = self.predict(images), None
+        else:
+            logits, boxes, mask_logits = self.predict_with_masks(images)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
-            return self.weighted_losses(self.losses(logits, boxes, targets))
-        return results_for_batch(logits[-1], boxes[-1], batched_inputs, images.image_sizes)
+            return self.weighted_losses(self.losses(logits, boxes, targets, mask_logits))
+        return results_for_batch(logits[-1], boxes[-1], batched_inputs, images.image_sizes,
+                                 mask_logits, self.mask_threshold)

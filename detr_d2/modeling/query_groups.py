@@ -64,6 +64,9 @@ class GroupDetr(Detr):
 
     @classmethod
     def from_config(cls, cfg):
+        if cfg.MODEL.MASK_ON:
+            raise ValueError("MODEL.MASK_ON is not supported with query groups (MODEL.DETR.NUM_QUERY_GROUPS "
+                             f"{cfg.MODEL.DETR.NUM_QUERY_GROUPS}); set MODEL.DETR.NUM_QUERY_GROUPS 1")
         return {**super().from_config(cfg), "num_query_groups": cfg.MODEL.DETR.NUM_QUERY_GROUPS}
 
     def queries(self):
@@ -76,6 +79,7 @@ class GroupDetr(Detr):
                                          embeddings.device)
         return embeddings, mask
 
-    def losses(self, logits, boxes, targets):
-        """Each group matched and supervised on its own (as extra batch entries)."""
+    def losses(self, logits, boxes, targets, mask_logits=None):
+        """Each group matched and supervised on its own (as extra batch entries); there is
+        no mask head (``from_config`` refuses MODEL.MASK_ON), so ``mask_logits`` is None."""
         return super().losses(*groups_as_batch_entries(logits, boxes, targets, self.num_query_groups))

@@ -135,11 +135,17 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(parameter)
 
     def forward(self, src, mask, query_embed, pos_embed, query_attn_mask=None):
-        batch = src.shape[0]
+        return self.encode_decode(src, mask, query_embed, pos_embed, query_attn_mask)[0]
+
+    def encode_decode(self, src, mask, query_embed, pos_embed, query_attn_mask=None):
+        """As ``forward``, also returning the encoder output: (decoder outputs [L, B, Q, C],
+        memory [B, C, H, W])."""
+        batch, channels, height, width = src.shape
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
         query_pos = query_embed.unsqueeze(1).expand(-1, batch, -1)
         mask = mask.flatten(1)
         memory = self.encoder(src, mask, pos_embed)
         tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, memory, mask, pos_embed, query_pos, query_attn_mask).transpose(1, 2)
+        hidden = self.decoder(tgt, memory, mask, pos_embed, query_pos, query_attn_mask).transpose(1, 2)
+        return hidden, memory.permute(1, 2, 0).view(batch, channels, height, width)

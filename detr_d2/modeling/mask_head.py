@@ -1,0 +1,133 @@
+"""DETR's instance mask head (the reference's ``DETRsegm`` parts): per-query attention maps
+over the encoder memory and a small FPN-style convolution head that turns them into mask
+logits at the res2 resolution.
+
+``MaskHead`` holds both: ``attention_map`` (the reference's ``bbox_attention``) and
+``fpn`` (the reference's ``mask_head``, ``MaskHeadSmallConv``).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FPN_FEATURES", "MaskHead", "mask_head_size_problems"]
+
+# Backbone features the head reads, coarsest first: res5 (through the input projection),
+# then the adapters' res4, res3, res2.
+FPN_FEATURES = ("res4", "res3", "res2")
+GROUP_NORM_GROUPS = 8
+
+
+def mask_head_size_problems(hidden_dim, nheads):
+    """Messages (empty when fine) for HIDDEN_DIM / NHEADS the head cannot use: its GroupNorms
+    of 8 groups see HIDDEN_DIM + NHEADS channels first and HIDDEN_DIM / 16 last."""
+    problems = []
+    if (hidden_dim + nheads) % GROUP_NORM_GROUPS:
+        problems.append(f"MODEL.DETR.HIDDEN_DIM + MODEL.DETR.NHEADS ({hidden_dim} + {nheads}) must be "
+                        f"divisible by {GROUP_NORM_GROUPS} (the first GroupNorm of the mask head)")
+    if hidden_dim < 128 or (hidden_dim // 16) % GROUP_NORM_GROUPS:
+        problems.append(f"MODEL.DETR.HIDDEN_DIM ({hidden_dim}) // 16 must be a positive multiple of "
+                        f"{GROUP_NORM_GROUPS} (the last GroupNorm of the mask head), e.g. 128 or 256")
+    return problems
+
+
+def _repeat_per_query(tensor, num_queries):
+    """[B, C, H, W] -> [B*Q, C, H, W], image-major (row b*Q + q is image b)."""
+    return tensor.repeat_interleave(num_queries, dim=0)
+
+
+class AttentionMap(nn.Module):
+    """Multi-head attention weights of each query over the positions of a feature map.
+
+    forward(queries [B, Q, D], memory [B, D, H, W], padding_mask [B, H, W] bool (True on
+    padding)) -> [B, Q, heads, H, W]: a softmax per query jointly over heads x H x W (so
+    one head's map does not sum to 1), zero on padding. No position embedding.
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.k_linear = nn.Linear(dim, dim)
+        self.scale = float(dim / num_heads) ** -0.5
+        for linear in (self.q_linear, self.k_linear):
+            nn.init.zeros_(linear.bias)
+            nn.init.xavier_uniform_(linear.weight)
+
+    def forward(self, queries, memory, padding_mask):
+        batch, num_queries, dim = queries.shape
+        head_dim = dim // self.num_heads
+        q = self.q_linear(queries).view(batch, num_queries, self.num_heads, head_dim)
+        k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
+        k = k.view(batch, self.num_heads, head_dim, *memory.shape[-2:])
+        weights = torch.einsum("bqnc,bnchw->bqnhw", q * self.scale, k)
+        weights = weights.masked_fill(padding_mask[:, None, None], float("-inf"))
+        return weights.flatten(2).softmax(-1).view(weights.shape)
+
+
+def _conv_norm(in_channels, out_channels):
+    """(3x3 convolution, GroupNorm of 8 groups) of ``out_channels``."""
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.GroupNorm(GROUP_NORM_GROUPS, out_channels)
+
+
+class FpnMaskConv(nn.Module):
+    """The reference's ``MaskHeadSmallConv``: two conv-GN-ReLU at stride 32, then three
+    steps each adding a 1x1 adapter of a finer backbone level to the nearest-upsampled
+    map, conv-GN-ReLU; a final 3x3 conv to one channel.
+
+    Channels: in_channels = hidden + heads, then hidden/2, /4, /8, /16, 1.
+    forward(x [B*Q, hidden + heads, h5, w5], levels: [res4, res3, res2] each [B, C_l, h_l, w_l])
+    -> mask logits [B*Q, 1, h2, w2] (res2 size).
+    """
+
+    def __init__(self, in_channels, hidden_dim, level_channels):
+        super().__init__()
+        widths = [in_channels, hidden_dim // 2, hidden_dim // 4, hidden_dim // 8, hidden_dim // 16]
+        self.lay1, self.gn1 = _conv_norm(widths[0], widths[0])
+        self.lay2, self.gn2 = _conv_norm(widths[0], widths[1])
+        self.lay3, self.gn3 = _conv_norm(widths[1], widths[2])
+        self.lay4, self.gn4 = _conv_norm(widths[2], widths[3])
+        self.lay5, self.gn5 = _conv_norm(widths[3], widths[4])
+        self.out_lay = nn.Conv2d(widths[4], 1, 3, padding=1)
+        self.adapter1 = nn.Conv2d(level_channels[0], widths[1], 1)
+        self.adapter2 = nn.Conv2d(level_channels[1], widths[2], 1)
+        self.adapter3 = nn.Conv2d(level_channels[2], widths[3], 1)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_uniform_(module.weight, a=1)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x, levels):
+        x = F.relu(self.gn1(self.lay1(x)))
+        x = F.relu(self.gn2(self.lay2(x)))
+        steps = ((self.adapter1, self.lay3, self.gn3), (self.adapter2, self.lay4, self.gn4),
+                 (self.adapter3, self.lay5, self.gn5))
+        for level, (adapter, conv, norm) in zip(levels, steps):
+            lateral = _repeat_per_query(adapter(level), x.shape[0] // level.shape[0])
+            x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
+            x = F.relu(norm(conv(x)))
+        return self.out_lay(x)
+
+
+class MaskHead(nn.Module):
+    """Mask logits of every query from the detector's intermediate results.
+
+    forward(hidden [B, Q, D] last decoder layer, memory [B, D, h5, w5] encoder output,
+    projected [B, D, h5, w5] = input_proj(res5), padding_mask [B, h5, w5] bool,
+    levels {"res4", "res3", "res2": [B, C, h, w]}) -> mask logits [B, Q, h2, w2] at the
+    res2 size of the padded batch (no sigmoid).
+    """
+
+    def __init__(self, hidden_dim, num_heads, level_channels):
+        super().__init__()
+        problems = mask_head_size_problems(hidden_dim, num_heads)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.attention_map = AttentionMap(hidden_dim, num_heads)
+        self.fpn = FpnMaskConv(hidden_dim + num_heads, hidden_dim, level_channels)
+
+    def forward(self, hidden, memory, projected, padding_mask, levels):
+        batch, num_queries = hidden.shape[:2]
+        maps = self.attention_map(hidden, memory, padding_mask)
+        x = torch.cat([_repeat_per_query(projected, num_queries), maps.flatten(0, 1)], dim=1)
+        logits = self.fpn(x, [levels[name] for name in FPN_FEATURES])
+        return logits.view(batch, num_queries, *logits.shape[-2:])

@@ -1,0 +1,109 @@
+"""MODEL.MASK_ON: the mask head is built from the config, trains on PolygonMasks and
+BitMasks, predicts bool masks per query, and its fast path equals the plain one."""
+import numpy as np
+import pytest
+import torch
+from detectron2.modeling import build_model as build_plain_model
+from detectron2.structures import BitMasks, PolygonMasks
+from detectron2.utils.events import EventStorage
+
+from detr_d2.acceleration import set_fast_paths
+from detr_d2.engine.build import build_model
+from tests.helpers import small_config, training_input
+
+MASK_OPTS = ("MODEL.MASK_ON", "True", "MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.DROPOUT", "0.0")
+BOXES = [[[4, 6, 30, 40], [40, 10, 70, 60]], [[2, 3, 40, 30]]]
+
+
+def mask_config(*opts):
+    return small_config(*MASK_OPTS, *opts)
+
+
+def rectangle_polygon(box):
+    x0, y0, x1, y1 = box
+    return [np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
+
+
+def batch_with_masks(as_bitmasks):
+    """Two images whose instances carry rectangle masks filling their boxes."""
+    torch.manual_seed(0)
+    batch = [training_input(64, 80, BOXES[0], [0, 2]), training_input(48, 64, BOXES[1], [1])]
+    for item, boxes in zip(batch, BOXES):
+        height, width = item["image"].shape[1:]
+        polygons = PolygonMasks([rectangle_polygon(box) for box in boxes])
+        item["instances"].gt_masks = (BitMasks.from_polygon_masks(polygons, height, width)
+                                      if as_bitmasks else polygons)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_plain_model(mask_config())
+
+
+def test_mask_on_builds_the_head_with_res2_to_res5_added_to_the_backbone(model):
+    assert model.mask_head is not None
+    assert set(model.backbone.body.output_shape()) == {"res2", "res3", "res4", "res5"}
+    adapters = [model.mask_head.fpn.adapter1, model.mask_head.fpn.adapter2, model.mask_head.fpn.adapter3]
+    assert [a.in_channels for a in adapters] == [256, 128, 64]  # ResNet-18 res4, res3, res2
+    assert {"loss_mask", "loss_dice"} <= set(model.criterion.weight_dict)
+
+
+def test_mask_off_keeps_predict_and_has_no_mask_head():
+    torch.manual_seed(0)
+    plain = build_plain_model(small_config())
+    assert plain.mask_head is None and "loss_mask" not in plain.criterion.weight_dict
+    images = plain.preprocess_image([{"image": torch.zeros(3, 64, 64, dtype=torch.uint8)}])
+    assert len(plain.predict(images)) == 2
+
+
+def test_training_losses_with_polygon_and_bit_masks_agree_and_reach_the_mask_head(model):
+    model.train()
+    with EventStorage():
+        polygon_losses = model(batch_with_masks(as_bitmasks=False))
+        bitmask_losses = model(batch_with_masks(as_bitmasks=True))
+    assert {"loss_mask", "loss_dice"} <= set(polygon_losses)
+    assert "loss_mask_0" not in polygon_losses  # no mask losses on auxiliary layers
+    for key, value in polygon_losses.items():
+        torch.testing.assert_close(bitmask_losses[key], value, msg=key)
+    model.zero_grad()
+    (polygon_losses["loss_mask"] + polygon_losses["loss_dice"]).backward()
+    for name, parameter in model.mask_head.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_inference_gives_bool_masks_per_query_at_the_requested_size(model):
+    model.eval()
+    images = [torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8), torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)]
+    with torch.no_grad():
+        outputs = model([{"image": images[0], "height": 96, "width": 120}, {"image": images[1]}])
+    assert outputs[0]["instances"].pred_masks.shape == (7, 96, 120)
+    assert outputs[1]["instances"].pred_masks.shape == (7, 48, 64)
+    assert outputs[0]["instances"].pred_masks.dtype == torch.bool
+
+
+def test_accelerated_mask_model_equals_the_plain_path():
+    torch.manual_seed(0)
+    fast = build_model(mask_config()).eval()
+    assert hasattr(fast.backbone, "prepacked")
+    images = fast.preprocess_image([{"image": torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8)},
+                                    {"image": torch.randint(0, 256, (3, 64, 52), dtype=torch.uint8)}])
+    outputs = {}
+    for enabled in (True, False):
+        set_fast_paths(fast, enabled)
+        with torch.no_grad():
+            outputs[enabled] = fast.predict_with_masks(images)
+    for fast_value, plain_value in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(fast_value, plain_value, atol=1e-4, rtol=1e-4)
+
+
+def test_a_backbone_without_res2_to_res5_is_refused_with_the_key():
+    cfg = small_config(*MASK_OPTS, "MODEL.BACKBONE.NAME", "build_tiny_cnn_backbone", "MODEL.DETR.IN_FEATURE", "out")
+    with pytest.raises(ValueError, match="MODEL.RESNETS.OUT_FEATURES"):
+        build_plain_model(cfg)
+
+
+def test_hidden_dim_the_head_cannot_use_is_refused():
+    with pytest.raises(ValueError, match="MODEL.DETR.HIDDEN_DIM"):
+        build_plain_model(small_config("MODEL.MASK_ON", "True"))
