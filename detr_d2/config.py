@@ -85,6 +85,15 @@ def _add_dataset_keys(cfg):
     cfg.DATASETS.REGISTER_COCO = ()
 
 
+def _add_test_keys(cfg):
+    # With each evaluation (TEST.EVAL_PERIOD, --eval-only), DETR's criterion on the test sets
+    # too, in the same forward pass: stored as val/<name> (val/loss, val/loss_ce_unscaled, ...).
+    cfg.TEST.EVAL_LOSSES = True
+    # COCOeval of "coco" test sets: "fast" (detectron2's compiled COCOeval_opt, or
+    # faster-coco-eval where detectron2 has no compiled ops) or "official" (pycocotools).
+    cfg.TEST.COCO_EVAL_IMPL = "fast"
+
+
 def add_detr_config(cfg):
     """Add every detr_d2 key, with the reference DETR's values, to ``cfg`` in place."""
     _add_model_keys(cfg)
@@ -92,5 +101,6 @@ def add_detr_config(cfg):
     _add_solver_keys(cfg)
     _add_input_keys(cfg)
     _add_dataset_keys(cfg)
+    _add_test_keys(cfg)
     add_tiny_cnn_config(cfg)
     return cfg
