@@ -39,6 +39,21 @@ def _matched_targets(targets, indices, key):
     return torch.cat([t[key][tgt] for t, (_, tgt) in zip(targets, indices)])
 
 
+def _largest_mask_size(targets):
+    """(H, W): the largest height and width of the targets' "masks"; None without masks."""
+    if not targets or "masks" not in targets[0]:
+        return None
+    return tuple(max(t["masks"].shape[d] for t in targets) for d in (-2, -1))
+
+
+def _padded(target, size):
+    """``target`` with its "masks" [n, h, w] zero-padded at the bottom/right to ``size`` (H, W)."""
+    if size is None:
+        return target
+    masks = target["masks"]
+    return dict(target, masks=F.pad(masks, (0, size[1] - masks.shape[-1], 0, size[0] - masks.shape[-2])))
+
+
 class LayerPredictions(NamedTuple):
     """One decoder layer's predictions: logits [B, Q, K+1], boxes [B, Q, 4] normalised
     cxcywh, mask_logits [B, Q, h, w] (None without a mask head and for earlier layers)."""
@@ -196,9 +211,29 @@ class SetCriterion(nn.Module):
         return losses
 
     def forward(self, logits, boxes, targets, mask_logits=None):
+        """The batch's values, boxes normalised by the batch's box count averaged over processes."""
+        return self.set_losses(logits, boxes, targets, mask_logits, num_boxes_normalizer(targets, logits.device))
+
+    def per_image(self, logits, boxes, targets, mask_logits=None):
+        """The values of each image of the batch on its own: a list of ``forward``'s dicts.
+
+        Each image is matched and normalised by its own box count (at least 1), with no
+        reduction across processes (evaluation: each process sees other images). Shapes as
+        ``forward``'s; an image's target masks are zero-padded to the batch's largest size,
+        the area its mask logits cover.
+        """
+        padded_size = _largest_mask_size(targets)
+        values = []
+        for i, target in enumerate(targets):
+            image_mask_logits = None if mask_logits is None else mask_logits[i:i + 1]
+            values.append(self.set_losses(logits[:, i:i + 1], boxes[:, i:i + 1], [_padded(target, padded_size)],
+                                          image_mask_logits, max(float(len(target["labels"])), 1.0)))
+        return values
+
+    def set_losses(self, logits, boxes, targets, mask_logits, num_boxes):
+        """Match every layer, then every loss family per layer, normalised by ``num_boxes``."""
         if not self.deep_supervision:
             logits, boxes = logits[-1:], boxes[-1:]
-        num_boxes = num_boxes_normalizer(targets, logits.device)
         indices = self.matcher(logits, boxes, targets)
         losses = {}
         last = len(logits) - 1

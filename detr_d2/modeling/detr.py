@@ -112,6 +112,9 @@ class Detr(nn.Module):
     (PolygonMasks or BitMasks), the losses add loss_mask and loss_dice (last layer), and the
     instances add ``pred_masks`` bool [Q, height, width].
 
+    Evaluation against ground truth: ``inference_with_losses`` gives the inference output
+    and each image's criterion values from one forward pass.
+
     Variants override ``queries`` (the decoder's queries) and ``losses`` (training
     targets and criterion), e.g. ``GroupDetr``.
     """
@@ -213,12 +216,33 @@ class Detr(nn.Module):
         ``predict_with_masks``) and ``prepare_targets``."""
         return self.criterion(logits, boxes, targets, mask_logits)
 
+    def predictions(self, images):
+        """(logits, boxes, mask_logits): ``predict`` with mask_logits None, or with a mask head
+        ``predict_with_masks``."""
+        if self.mask_head is None:
+            return (*self.predict(images), None)
+        return self.predict_with_masks(images)
+
+    def inference_with_losses(self, batched_inputs):
+        """Evaluation against ground truth in one forward pass: (results, losses).
+
+        ``batched_inputs``: inference inputs that also carry "instances" (ground truth as in
+        training: ``gt_boxes`` xyxy absolute pixels of the given image, ``gt_classes``; with a
+        mask head ``gt_masks``). ``results``: what ``forward`` returns in eval mode;
+        ``losses``: per image, the criterion's UNWEIGHTED values {name: 0-dim tensor} for
+        that image alone (``SetCriterion.per_image``; weights in ``criterion.weight_dict``).
+        """
+        images = self.preprocess_image(batched_inputs)
+        logits, boxes, mask_logits = self.predictions(images)
+        targets = self.prepare_targets(batched_inputs, images.image_sizes)
+        losses = self.criterion.per_image(logits, boxes, targets, mask_logits)
+        results = results_for_batch(logits[-1], boxes[-1], batched_inputs, images.image_sizes,
+                                    mask_logits, self.mask_threshold)
+        return results, losses
+
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        if self.mask_head is None:
-            (logits, boxes), mask_logits = self.predict(images), None
-        else:
-            logits, boxes, mask_logits = self.predict_with_masks(images)
+        logits, boxes, mask_logits = self.predictions(images)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
             return self.weighted_losses(self.losses(logits, boxes, targets, mask_logits))

@@ -5,7 +5,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh, normalized_cxcywh_to_absolute_xyxy
-from tests.helpers import REPO, config, merged_config, parameter_counts, small_config, training_input
+from tests.helpers import REPO, batch_with_masks, config, merged_config, parameter_counts, small_config, training_input
 
 
 @pytest.mark.parametrize("name, opts, total, trainable", [
@@ -86,6 +86,58 @@ def test_inference_boxes_scale_with_the_requested_size():
     with torch.no_grad():
         small, large = (model([{"image": image, "height": h, "width": w}])[0]["instances"] for h, w in [(50, 70), (100, 140)])
     torch.testing.assert_close(large.pred_boxes.tensor, 2 * small.pred_boxes.tensor)
+
+
+def test_inference_with_losses_gives_forward_detections_and_each_images_criterion():
+    """One pass: the eval output of ``forward`` and, per image, the criterion run by hand on
+    that image's slice of the batch's predictions (its own box count normalises); an image
+    without objects has class_error 100, as in the reference."""
+    model = build_model(small_config("MODEL.DETR.DROPOUT", "0.0"))
+    model.eval()
+    batch = [training_input(64, 80, [[4, 4, 30, 40], [40, 10, 70, 60], [5, 30, 25, 60]], [0, 2, 1]),
+             training_input(48, 64, [], [])]
+    for item, (height, width) in zip(batch, [(128, 160), (48, 64)]):
+        item.update(height=height, width=width)
+    with torch.no_grad():
+        results, losses = model.inference_with_losses(batch)
+        expected_results = model(batch)
+        images = model.preprocess_image(batch)
+        logits, boxes = model.predict(images)
+        targets = model.prepare_targets(batch, images.image_sizes)
+        by_hand = [model.criterion(logits[:, i:i + 1], boxes[:, i:i + 1], [targets[i]]) for i in range(2)]
+    for result, expected in zip(results, expected_results):
+        assert result["instances"].image_size == expected["instances"].image_size
+        torch.testing.assert_close(result["instances"].pred_boxes.tensor, expected["instances"].pred_boxes.tensor)
+        torch.testing.assert_close(result["instances"].scores, expected["instances"].scores)
+    assert len(losses) == 2
+    assert set(losses[0]) == set(by_hand[0]) >= {"loss_ce", "loss_bbox_0", "class_error", "cardinality_error_0"}
+    for image_losses, expected in zip(losses, by_hand):
+        for name, value in expected.items():
+            torch.testing.assert_close(image_losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert losses[1]["class_error"].item() == 100.0 and losses[1]["loss_bbox"].item() == 0.0
+
+
+def test_inference_with_losses_with_masks_pads_each_images_target_to_the_batch():
+    """With a mask head the per-image values hold the mask losses; the smaller image's target
+    masks are zero-padded to the padded batch, the area its mask logits cover, as in training."""
+    torch.manual_seed(0)
+    model = build_model(small_config("MODEL.MASK_ON", "True", "MODEL.DETR.HIDDEN_DIM", "128",
+                                     "MODEL.DETR.DROPOUT", "0.0"))
+    model.eval()
+    batch = batch_with_masks()
+    with torch.no_grad():
+        results, losses = model.inference_with_losses(batch)
+        images = model.preprocess_image(batch)
+        logits, boxes, mask_logits = model.predict_with_masks(images)
+        targets = model.prepare_targets(batch, images.image_sizes)
+        padded = dict(targets[1], masks=torch.nn.functional.pad(targets[1]["masks"], (0, 16, 0, 16)))
+        by_hand = [model.criterion(logits[:, i:i + 1], boxes[:, i:i + 1], [target], mask_logits[i:i + 1])
+                   for i, target in enumerate([targets[0], padded])]
+    assert results[0]["instances"].pred_masks.shape == (7, 64, 80)
+    for image_losses, expected in zip(losses, by_hand):
+        assert {"loss_mask", "loss_dice"} <= set(image_losses)
+        for name, value in expected.items():
+            torch.testing.assert_close(image_losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_config_errors_name_the_key():
