@@ -124,16 +124,17 @@ class DetrDatasetMapper:
 
     * "image": uint8 tensor of shape (C, H, W), H x W the augmented size, channels in
       ``image_format`` order (C = 3 for "RGB"/"BGR").
-    * "instances" (training only): ``Instances`` of image size (H, W) with ``gt_boxes``
+    * "instances" (training, or ``with_instances``): ``Instances`` of image size (H, W) with ``gt_boxes``
       (``Boxes``, shape (N, 4), XYXY in absolute pixels of the augmented image, clipped
       to it) and ``gt_classes`` (int64 tensor of shape (N,)). Crowd annotations are
       dropped and so are boxes left empty by a crop; N may be 0 (boxes of shape (0, 4)).
 
-    At test time "annotations" are removed and there is no "instances".
+    At test time "annotations" are removed and there is no "instances", unless
+    ``with_instances`` (evaluation against the ground truth) makes them as in training.
     """
 
     @configurable
-    def __init__(self, is_train, *, augmentations, image_format):
+    def __init__(self, is_train, *, augmentations, image_format, with_instances=None):
         """
         Args:
             is_train (bool): training (annotations become "instances") or inference
@@ -142,8 +143,12 @@ class DetrDatasetMapper:
                 and its boxes, e.g. ``build_detr_augmentation(cfg, is_train)``.
             image_format (str): channel order of "image", any format of
                 ``image_io.read_image`` ("RGB" for DETR).
+            with_instances (bool or None): make "instances" of the annotations; None: in
+                training only. True at test time gives evaluation its ground truth (a
+                record without "annotations", e.g. of an unlabelled test set, gets none).
         """
         self.is_train = is_train
+        self.with_instances = is_train if with_instances is None else with_instances
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         mode = "training" if is_train else "inference"
@@ -151,10 +156,11 @@ class DetrDatasetMapper:
             f"[DetrDatasetMapper] Augmentations used in {mode}: {self.augmentations}")
 
     @classmethod
-    def from_config(cls, cfg, is_train=True):
+    def from_config(cls, cfg, is_train=True, with_instances=None):
         """Keys: INPUT.FORMAT and those of ``build_detr_augmentation``."""
         return {
             "is_train": is_train,
+            "with_instances": with_instances,
             "augmentations": build_detr_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
         }
@@ -214,8 +220,8 @@ class DetrDatasetMapper:
             dataset_dict (dict): one record in detectron2's dataset format (not modified).
 
         Returns:
-            dict: the record with "image" (uint8, (C, H, W)) and, in training,
-            "instances" (gt_boxes XYXY absolute pixels of the augmented image, gt_classes).
+            dict: the record with "image" (uint8, (C, H, W)) and, in training (or with
+            ``with_instances``), "instances" (gt_boxes XYXY absolute pixels of the augmented image, gt_classes).
         """
         dataset_dict = dict(dataset_dict)  # nothing nested is modified: a shallow copy will do
         image = self._read_image(dataset_dict)
@@ -223,8 +229,9 @@ class DetrDatasetMapper:
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        labelled = "annotations" in dataset_dict
         annotations = dataset_dict.pop("annotations", [])
-        if self.is_train:
+        if self.with_instances and (labelled or self.is_train):
             dataset_dict["instances"] = self._annotations_to_instances(
                 annotations, transforms, image.shape[:2])
         return dataset_dict
