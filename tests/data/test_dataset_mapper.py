@@ -106,6 +106,23 @@ def test_test_sizes_and_annotations_dropped(tmp_path):
     assert tuple(mapper(wide)["image"].shape) == (3, 33, 100)  # longest edge capped
 
 
+def test_test_mode_with_instances_keeps_ground_truth_in_the_resized_image(tmp_path):
+    """For validation losses: the test resize moves the boxes, crowd boxes are dropped; a
+    record without "annotations" (an unlabelled test set) gets no instances."""
+    mapper = DetrDatasetMapper(small_cfg(), is_train=False, with_instances=True)
+    labelled = record(write_image(tmp_path / "s.jpg", 30, 40), 30, 40,
+                      [box((4, 6, 20, 30), category_id=2), box((0, 0, 5, 5), category_id=4, iscrowd=1)])
+    out = mapper(labelled)
+    assert tuple(out["image"].shape) == (3, 64, 85) and "annotations" not in out
+    assert out["instances"].image_size == (64, 85)
+    assert out["instances"].gt_classes.tolist() == [2]
+    scale_x, scale_y = 85 / 40, 64 / 30
+    expected = [[4 * scale_x, 6 * scale_y, 20 * scale_x, 30 * scale_y]]
+    torch.testing.assert_close(out["instances"].gt_boxes.tensor, torch.tensor(expected))
+    unlabelled = {k: v for k, v in labelled.items() if k != "annotations"}
+    assert "instances" not in mapper(unlabelled)
+
+
 def test_default_test_size_is_800_1333(tmp_path):
     cfg = get_cfg()
     detr_d2.add_detr_config(cfg)
