@@ -31,7 +31,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
 from detr_d2 import add_detr_config
 from detr_d2.data import resolve_num_classes
@@ -269,6 +269,29 @@ def training_input(height, width, boxes, classes):
     instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
     instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
     return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "instances": instances}
+
+
+def rectangle_polygon(box):
+    """The polygon [x0, y0, x1, y0, x1, y1, x0, y1] of an xyxy box, as detectron2 lists them."""
+    x0, y0, x1, y1 = box
+    return [np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
+
+
+MASKED_BATCH_BOXES = ([[4, 6, 30, 40], [40, 10, 70, 60]], [[2, 3, 40, 30]])
+
+
+def batch_with_masks(as_bitmasks=False):
+    """Two training inputs (64x80 and 48x64 random images) whose instances carry rectangle
+    masks filling their boxes, as PolygonMasks or BitMasks."""
+    torch.manual_seed(0)
+    batch = [training_input(64, 80, MASKED_BATCH_BOXES[0], [0, 2]),
+             training_input(48, 64, MASKED_BATCH_BOXES[1], [1])]
+    for item, boxes in zip(batch, MASKED_BATCH_BOXES):
+        height, width = item["image"].shape[1:]
+        polygons = PolygonMasks([rectangle_polygon(box) for box in boxes])
+        item["instances"].gt_masks = (BitMasks.from_polygon_masks(polygons, height, width)
+                                      if as_bitmasks else polygons)
+    return batch
 
 
 # ---------------------------------------------------------------- reference fixtures

@@ -10,6 +10,7 @@ import tempfile
 import torch
 
 from detr_d2.errors import SetupError
+from detr_d2.modeling.mask_head import mask_head_size_problems
 
 __all__ = [
     "check_amp",
@@ -54,12 +55,26 @@ def _check_detr_sizes(detr):
 
 
 def _check_detr_options(detr):
-    """DROPOUT in [0, 1); FROZEN_WEIGHTS empty (detr_d2 does not read it yet)."""
+    """DROPOUT in [0, 1)."""
     _require(0.0 <= detr.DROPOUT < 1.0, "MODEL.DETR.DROPOUT", detr.DROPOUT, "in [0, 1)", "fix the value")
-    _require(not detr.FROZEN_WEIGHTS, "MODEL.DETR.FROZEN_WEIGHTS", detr.FROZEN_WEIGHTS,
-             "empty: detr_d2 does not read it yet (the reference's frozen-detector training "
-             "of a mask head is not implemented)",
-             "remove the key, or give the checkpoint to start from as MODEL.WEIGHTS")
+
+
+def _check_masks(model):
+    """With MASK_ON: HIDDEN_DIM/NHEADS the mask head can use. FROZEN_WEIGHTS: only with
+    MASK_ON (it freezes everything but the mask head), a local file that exists."""
+    detr = model.DETR
+    if model.MASK_ON:
+        problems = mask_head_size_problems(detr.HIDDEN_DIM, detr.NHEADS)
+        _require(not problems, "MODEL.DETR.HIDDEN_DIM", detr.HIDDEN_DIM,
+                 f"usable by the mask head of MODEL.MASK_ON: {'; '.join(problems)}",
+                 "e.g. MODEL.DETR.HIDDEN_DIM 256 with MODEL.DETR.NHEADS 8")
+    if not detr.FROZEN_WEIGHTS:
+        return
+    _require(model.MASK_ON, "MODEL.DETR.FROZEN_WEIGHTS", detr.FROZEN_WEIGHTS,
+             "empty without MODEL.MASK_ON (it freezes the detector to train the mask head only)",
+             "add MODEL.MASK_ON True, or give the checkpoint to start from as MODEL.WEIGHTS")
+    _require(os.path.isfile(detr.FROZEN_WEIGHTS), "MODEL.DETR.FROZEN_WEIGHTS", detr.FROZEN_WEIGHTS,
+             "an existing detector checkpoint file", "give the path of the trained box model (.pth)")
 
 
 def _check_solver(solver):
@@ -70,12 +85,22 @@ def _check_solver(solver):
              "at least 1", "fix the value")
 
 
+def _check_test(test):
+    """TEST.COCO_EVAL_IMPL names a COCOeval; TEST.EVAL_LOSSES is a bool."""
+    _require(test.COCO_EVAL_IMPL in ("fast", "official"), "TEST.COCO_EVAL_IMPL", test.COCO_EVAL_IMPL,
+             "'fast' or 'official'", "'fast' (C++ COCOeval, the default) or 'official' (pycocotools)")
+    _require(isinstance(test.EVAL_LOSSES, bool), "TEST.EVAL_LOSSES", test.EVAL_LOSSES, "True or False",
+             "True computes DETR's criterion on the test sets at each evaluation")
+
+
 def check_model_config(cfg):
-    """Values of MODEL.DETR and SOLVER that would fail deep inside model building or training
-    (or, for MODEL.DETR.FROZEN_WEIGHTS, be silently ignored)."""
+    """Values of MODEL.DETR, MODEL.MASK_ON and SOLVER that would fail deep inside model
+    building or training."""
     _check_detr_sizes(cfg.MODEL.DETR)
     _check_detr_options(cfg.MODEL.DETR)
+    _check_masks(cfg.MODEL)
     _check_solver(cfg.SOLVER)
+    _check_test(cfg.TEST)
 
 
 def check_output_dir(cfg):

@@ -153,9 +153,13 @@ def test_the_weights_to_load_must_exist(tmp_path):
     check_weights_to_load(cfg, resume=True)  # MODEL.WEIGHTS is not read when resuming
 
 
-def test_frozen_weights_are_refused_naming_the_key():
-    with pytest.raises(SetupError, match="MODEL.DETR.FROZEN_WEIGHTS is 'box.pth' but must be empty.*MODEL.WEIGHTS"):
+def test_frozen_weights_need_mask_on_and_an_existing_file(tmp_path):
+    with pytest.raises(SetupError, match="MODEL.DETR.FROZEN_WEIGHTS is 'box.pth' but must be empty without "
+                                         "MODEL.MASK_ON.*MODEL.WEIGHTS"):
         build_config(str(TINY_CONFIG), ["MODEL.DETR.FROZEN_WEIGHTS", "box.pth"])
+    mask_on = ["MODEL.MASK_ON", "True", "MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.NHEADS", "8"]
+    with pytest.raises(SetupError, match="MODEL.DETR.FROZEN_WEIGHTS is .*missing.pth.* existing detector checkpoint"):
+        build_config(str(TINY_CONFIG), [*mask_on, "MODEL.DETR.FROZEN_WEIGHTS", str(tmp_path / "missing.pth")])
     assert build_config(str(TINY_CONFIG), ["MODEL.DETR.FROZEN_WEIGHTS", ""]).MODEL.DETR.FROZEN_WEIGHTS == ""
 
 

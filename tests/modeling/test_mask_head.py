@@ -1,39 +1,19 @@
 """MODEL.MASK_ON: the mask head is built from the config, trains on PolygonMasks and
 BitMasks, predicts bool masks per query, and its fast path equals the plain one."""
-import numpy as np
 import pytest
 import torch
 from detectron2.modeling import build_model as build_plain_model
-from detectron2.structures import BitMasks, PolygonMasks
 from detectron2.utils.events import EventStorage
 
 from detr_d2.acceleration import set_fast_paths
 from detr_d2.engine.build import build_model
-from tests.helpers import small_config, training_input
+from tests.helpers import batch_with_masks, small_config
 
 MASK_OPTS = ("MODEL.MASK_ON", "True", "MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.DROPOUT", "0.0")
-BOXES = [[[4, 6, 30, 40], [40, 10, 70, 60]], [[2, 3, 40, 30]]]
 
 
 def mask_config(*opts):
     return small_config(*MASK_OPTS, *opts)
-
-
-def rectangle_polygon(box):
-    x0, y0, x1, y1 = box
-    return [np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
-
-
-def batch_with_masks(as_bitmasks):
-    """Two images whose instances carry rectangle masks filling their boxes."""
-    torch.manual_seed(0)
-    batch = [training_input(64, 80, BOXES[0], [0, 2]), training_input(48, 64, BOXES[1], [1])]
-    for item, boxes in zip(batch, BOXES):
-        height, width = item["image"].shape[1:]
-        polygons = PolygonMasks([rectangle_polygon(box) for box in boxes])
-        item["instances"].gt_masks = (BitMasks.from_polygon_masks(polygons, height, width)
-                                      if as_bitmasks else polygons)
-    return batch
 
 
 @pytest.fixture(scope="module")
