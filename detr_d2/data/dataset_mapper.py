@@ -8,6 +8,13 @@ of ``INPUT.CROP.PRE_RESIZE_SIZES`` (no longest-edge limit) and take a random cro
 Test: resize the shortest edge to ``INPUT.MIN_SIZE_TEST``, longest at most
 ``INPUT.MAX_SIZE_TEST``.
 
+With ``MODEL.MASK_ON`` the instances also get ``gt_masks`` from the annotations'
+"segmentation" (polygons or COCO RLE), moved by the same flip, crop and resize as the
+boxes and dropped together with a box a crop empties. ``INPUT.MASK_FORMAT`` "polygon" gives
+``PolygonMasks`` (exact polygons) for images without a crop whose annotations are all
+polygons, ``BitMasks`` otherwise (a cropped polygon is rasterised first: clipping polygons
+would need shapely); "bitmask" always gives ``BitMasks``.
+
 Images are read with ``image_io.read_image`` (EXIF orientation applied, grayscale /
 palette / RGBA / 16-bit files converted to ``INPUT.FORMAT``); a file that cannot be read
 or whose size differs from its record raises ``BadImageError`` naming the file, image id
@@ -16,17 +23,19 @@ and dataset (records carry "dataset_name" when loaded by the Trainer).
 import logging
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.structures import BitMasks, Boxes, BoxMode, Instances, PolygonMasks, polygons_to_bitmask
 
+from detr_d2.data.coco_registration import DatasetError
 from detr_d2.data.image_io import BadImageError, ImageNotFoundError, read_image
 from detr_d2.data.transforms import RandomApplyList
 
-__all__ = ["DetrDatasetMapper", "annotation_boxes_xyxy", "build_detr_augmentation",
-           "transform_boxes"]
+__all__ = ["DetrDatasetMapper", "annotation_boxes_xyxy", "annotation_mask", "build_detr_augmentation",
+           "transform_boxes", "transform_masks"]
 
 # detectron2's ``filter_empty_instances``: a box is empty when its width or height is at most this.
 EMPTY_BOX_THRESHOLD = 1e-5
@@ -112,6 +121,48 @@ def transform_boxes(boxes, transforms, image_shape):
     return np.minimum(transforms.apply_box(boxes).clip(min=0), [width, height, width, height])
 
 
+def annotation_mask(annotation, height, width):
+    """uint8 [height, width] (0/1) mask of one annotation's "segmentation": a list of
+    polygons (flat x, y lists) or a COCO RLE (compressed, or uncompressed with a list of
+    counts), at the size of the image the annotation describes."""
+    segmentation = annotation["segmentation"]
+    if isinstance(segmentation, list):
+        return polygons_to_bitmask(segmentation, height, width).astype(np.uint8)
+    if isinstance(segmentation["counts"], list):
+        segmentation = mask_util.frPyObjects(segmentation, height, width)
+    return mask_util.decode(segmentation)
+
+
+def _has_crop(transforms):
+    return any(isinstance(t, T.CropTransform) for t in transforms.transforms)
+
+
+def transform_masks(annotations, transforms, source_shape, image_shape, mask_format):
+    """The annotations' masks moved by ``transforms`` (as the image was).
+
+    Args:
+        annotations (list[dict]): each with "segmentation" (polygons or RLE) of an image of
+            ``source_shape`` (height, width).
+        transforms (TransformList): the transforms applied to the image.
+        image_shape (tuple[int, int]): (height, width) of the transformed image.
+        mask_format (str): "polygon" or "bitmask" (INPUT.MASK_FORMAT).
+
+    Returns:
+        PolygonMasks (format "polygon", no crop, every segmentation a polygon list: exact
+        transformed polygons) or BitMasks [N, height, width] bool.
+    """
+    polygons_only = all(isinstance(anno["segmentation"], list) for anno in annotations)
+    if mask_format == "polygon" and polygons_only and not _has_crop(transforms):
+        return PolygonMasks([
+            [p.reshape(-1) for p in transforms.apply_polygons([np.asarray(p).reshape(-1, 2)
+                                                               for p in anno["segmentation"]])]
+            for anno in annotations])
+    masks = [transforms.apply_segmentation(annotation_mask(anno, *source_shape)) for anno in annotations]
+    if not masks:
+        return BitMasks(torch.zeros((0, *image_shape), dtype=torch.bool))
+    return BitMasks(torch.from_numpy(np.stack(masks)).to(torch.bool))
+
+
 class DetrDatasetMapper:
     """Map one detectron2 dataset dict to DETR's input: augmented image and its boxes.
 
@@ -126,15 +177,16 @@ class DetrDatasetMapper:
       ``image_format`` order (C = 3 for "RGB"/"BGR").
     * "instances" (training, or ``with_instances``): ``Instances`` of image size (H, W) with ``gt_boxes``
       (``Boxes``, shape (N, 4), XYXY in absolute pixels of the augmented image, clipped
-      to it) and ``gt_classes`` (int64 tensor of shape (N,)). Crowd annotations are
-      dropped and so are boxes left empty by a crop; N may be 0 (boxes of shape (0, 4)).
+      to it) and ``gt_classes`` (int64 tensor of shape (N,)), with ``mask_format`` also
+      ``gt_masks`` (``transform_masks``). Crowd annotations are dropped and so are boxes
+      left empty by a crop (with their masks); N may be 0 (boxes of shape (0, 4)).
 
     At test time "annotations" are removed and there is no "instances", unless
     ``with_instances`` (evaluation against the ground truth) makes them as in training.
     """
 
     @configurable
-    def __init__(self, is_train, *, augmentations, image_format, with_instances=None):
+    def __init__(self, is_train, *, augmentations, image_format, with_instances=None, mask_format=None):
         """
         Args:
             is_train (bool): training (annotations become "instances") or inference
@@ -146,9 +198,12 @@ class DetrDatasetMapper:
             with_instances (bool or None): make "instances" of the annotations; None: in
                 training only. True at test time gives evaluation its ground truth (a
                 record without "annotations", e.g. of an unlabelled test set, gets none).
+            mask_format (str or None): "polygon" / "bitmask" to give training instances
+                ``gt_masks``; None (no masks) without MODEL.MASK_ON.
         """
         self.is_train = is_train
         self.with_instances = is_train if with_instances is None else with_instances
+        self.mask_format = mask_format
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         mode = "training" if is_train else "inference"
@@ -157,12 +212,14 @@ class DetrDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train=True, with_instances=None):
-        """Keys: INPUT.FORMAT and those of ``build_detr_augmentation``."""
+        """Keys: INPUT.FORMAT, MODEL.MASK_ON, INPUT.MASK_FORMAT and those of
+        ``build_detr_augmentation``."""
         return {
             "is_train": is_train,
             "with_instances": with_instances,
             "augmentations": build_detr_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "mask_format": cfg.INPUT.MASK_FORMAT if cfg.MODEL.MASK_ON else None,
         }
 
     @staticmethod
@@ -200,19 +257,32 @@ class DetrDatasetMapper:
         return image
 
     @staticmethod
-    def _annotations_to_instances(annotations, transforms, image_shape):
-        """Instances of the non-crowd boxes, transformed, clipped to ``image_shape``, non-empty.
+    def _annotations_to_instances(annotations, transforms, image_shape, source_shape=None, mask_format=None):
+        """Instances of the non-crowd boxes, transformed, clipped to ``image_shape``, non-empty,
+        and with ``mask_format`` their masks (``transform_masks`` from ``source_shape``).
 
         The same boxes and classes as detectron2's ``transform_instance_annotations`` per
         annotation, ``annotations_to_instances`` and ``filter_empty_instances``, with all
-        boxes of the image transformed as one array. Segmentation and keypoints are ignored
-        (DETR learns boxes only).
+        boxes of the image transformed as one array. Keypoints are ignored. An instance is
+        kept by its box, as the reference crop keeps it, and its mask goes with it.
         """
         annos = [anno for anno in annotations if anno.get("iscrowd", 0) == 0]
         boxes = Boxes(transform_boxes(annotation_boxes_xyxy(annos), transforms, image_shape))
         classes = torch.tensor([int(anno["category_id"]) for anno in annos], dtype=torch.int64)
         keep = boxes.nonempty(threshold=EMPTY_BOX_THRESHOLD)
-        return Instances(image_shape, gt_boxes=boxes[keep], gt_classes=classes[keep])
+        instances = Instances(image_shape, gt_boxes=boxes[keep], gt_classes=classes[keep])
+        if mask_format:
+            instances.gt_masks = transform_masks(annos, transforms, source_shape, image_shape, mask_format)[keep]
+        return instances
+
+    def _check_segmentations(self, dataset_dict, annotations):
+        """With masks, every non-crowd annotation needs a "segmentation" (DatasetError)."""
+        without = [anno.get("id") for anno in annotations
+                   if anno.get("iscrowd", 0) == 0 and "segmentation" not in anno]
+        if self.mask_format and without:
+            raise DatasetError(f"MODEL.MASK_ON needs a 'segmentation' in every annotation, but "
+                               f"{self._where(dataset_dict)} has annotations without one (ids {without[:5]}); "
+                               "add their masks or train boxes only (MODEL.MASK_ON False)")
 
     def __call__(self, dataset_dict):
         """
@@ -225,6 +295,7 @@ class DetrDatasetMapper:
         """
         dataset_dict = dict(dataset_dict)  # nothing nested is modified: a shallow copy will do
         image = self._read_image(dataset_dict)
+        source_shape = image.shape[:2]
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
@@ -232,6 +303,7 @@ class DetrDatasetMapper:
         labelled = "annotations" in dataset_dict
         annotations = dataset_dict.pop("annotations", [])
         if self.with_instances and (labelled or self.is_train):
+            self._check_segmentations(dataset_dict, annotations)
             dataset_dict["instances"] = self._annotations_to_instances(
-                annotations, transforms, image.shape[:2])
+                annotations, transforms, image.shape[:2], source_shape, self.mask_format)
         return dataset_dict
