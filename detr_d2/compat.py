@@ -55,6 +55,22 @@ def has_compiled_ops():
     return not getattr(ops, STUB_MARKER, False)
 
 
+def fill_in_fast_coco_eval(cocoeval_class):
+    """Make ``COCOEvaluator(use_fast_impl=True)`` run ``cocoeval_class`` where detectron2's
+    compiled COCOeval is missing; a no-op with the real extension.
+
+    Works around: v0.6 from PyPI has no compiled extension, and its ``COCOeval_opt`` (which
+    ``coco_evaluation`` looks up by name at each evaluation) calls ``detectron2._C``.
+    ``cocoeval_class`` takes pycocotools' ``COCOeval`` arguments (e.g.
+    ``detr_d2.evaluation.FasterCOCOeval``).
+    """
+    if has_compiled_ops():
+        return
+    from detectron2.evaluation import coco_evaluation
+
+    coco_evaluation.COCOeval_opt = cocoeval_class
+
+
 def _alias_pillow_linear():
     """Works around: Pillow 10 removed ``Image.LINEAR``, a default argument in v0.6's
     ``data/transforms/transform.py``, so ``import detectron2.data`` fails. The alias is

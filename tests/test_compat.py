@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from detr_d2 import compat
@@ -82,3 +83,32 @@ def test_launch_runs_two_cpu_processes_over_gloo(tmp_path):
     compat.launch(_write_rank, 2, dist_url="auto", args=(tmp_path,))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0-gloo", "rank1-gloo"]
 
+
+
+def test_fast_coco_eval_fills_in_for_the_missing_compiled_cocoeval():
+    """detectron2's COCOeval_opt needs the compiled extension; COCOEvaluator(use_fast_impl=True)
+    then runs faster-coco-eval instead, with the official numbers."""
+    from detectron2.evaluation import coco_evaluation
+    from detectron2.evaluation.fast_eval_api import COCOeval_opt
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from detr_d2.evaluation import FasterCOCOeval
+    from detr_d2.evaluation.synthetic_coco import synthetic_detections, synthetic_ground_truth
+
+    if compat.has_compiled_ops():
+        pytest.skip("the real detectron2 extension is installed")
+    ground_truth = COCO()
+    ground_truth.dataset = synthetic_ground_truth(5, num_categories=3)
+    ground_truth.createIndex()
+    detections = ground_truth.loadRes(synthetic_detections(ground_truth.dataset, per_image=10))
+    with pytest.raises(AttributeError, match="compiled op"):
+        COCOeval_opt(ground_truth, detections, "bbox").evaluate()
+    compat.fill_in_fast_coco_eval(FasterCOCOeval)
+    assert coco_evaluation.COCOeval_opt is FasterCOCOeval
+    stats = []
+    for cocoeval_class in (FasterCOCOeval, COCOeval):
+        evaluation = cocoeval_class(ground_truth, detections, "bbox")
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+        stats.append(evaluation.stats[:12])
+    np.testing.assert_allclose(stats[0], stats[1], rtol=0, atol=1e-12)

@@ -77,10 +77,11 @@ def _check_image_files(name, dicts):
 def load_dataset_dicts(name):
     """The records (detectron2 dataset dicts) of the registered dataset ``name``.
 
-    A COCO-json dataset (one with json_file and image_root metadata, e.g. the builtin
-    coco_* names and DATASETS.REGISTER_COCO entries) is first checked by
-    ``validate_coco_dataset``, which raises DatasetError for an annotation file that does
-    not parse or has defects. Raises SetupError if the annotation file is missing, the
+    A dataset with json_file and image_root metadata must have its annotation file; a
+    COCO-json one (evaluator_type "coco", e.g. the builtin coco_* names and
+    DATASETS.REGISTER_COCO entries) is first checked by ``validate_coco_dataset``, which
+    raises DatasetError for an annotation file that does not parse or has defects (LVIS
+    json, whose images have no file_name, is read by detectron2's own loader). Raises SetupError if the annotation file is missing, the
     dataset is empty, or one of its image files does not exist or is empty. Each record
     gets "dataset_name" (``name``), which error messages about its image use.
     """
@@ -89,7 +90,8 @@ def load_dataset_dicts(name):
         if not os.path.isfile(metadata.json_file):
             raise SetupError(f"Dataset {name!r}: annotation file {metadata.json_file} does not "
                              f"exist. {_layout_hint(name)}")
-        validate_coco_dataset(name, metadata.json_file, metadata.image_root)
+        if metadata.get("evaluator_type", "coco") == "coco":
+            validate_coco_dataset(name, metadata.json_file, metadata.image_root)
     dicts = DatasetCatalog.get(name)
     if not dicts:
         raise SetupError(f"Dataset {name!r} has no images.")
