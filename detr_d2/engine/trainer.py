@@ -16,7 +16,10 @@ Differences from DefaultTrainer:
   iteration and the loss terms; the last checkpoint stays the last good one
   (``finite_checks``), and detectron2's training loop logs them, and setup errors, as one
   line (``one_line_errors``);
-- evaluation: COCOEvaluator (bbox) into ``OUTPUT_DIR/inference``;
+- evaluation: each test set by the evaluator of its ``evaluator_type`` (coco, lvis,
+  pascal_voc; ``detr_d2.evaluation.detection_evaluator``) into ``OUTPUT_DIR/inference``,
+  and with TEST.EVAL_LOSSES DETR's criterion on it from the same forward pass
+  (``test``: results "val" -> val/<name> scalars);
 - console: every loss, ``class_error`` and ``cardinality_error`` (``MetricPrinter``).
 """
 import itertools
@@ -35,7 +38,7 @@ from detectron2.data.build import (
 )
 from detectron2.engine import DefaultTrainer
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.solver import build_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter
@@ -55,6 +58,12 @@ from detr_d2.engine.one_line_errors import install_one_line_errors
 from detr_d2.engine.optimizer import build_detr_optimizer
 from detr_d2.engine.writers import MetricPrinter
 from detr_d2.errors import NonFiniteValuesError, SetupError
+from detr_d2.evaluation import (
+    ValidationLossEvaluator,
+    WithValidationLosses,
+    check_evaluator_types,
+    detection_evaluator,
+)
 
 __all__ = ["Trainer", "check_training_setup"]
 
@@ -136,6 +145,7 @@ class Trainer(DefaultTrainer):
         check_training_setup(cfg)
         for name in cfg.DATASETS.TEST:  # fail now rather than at the first evaluation
             load_dataset_dicts(name)
+        check_evaluator_types(cfg.DATASETS.TEST)
         data_loader = self.build_train_loader(cfg)
         model = self.build_model(cfg)
         install_output_check(model)
@@ -244,14 +254,34 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """Batches of one ``DetrDatasetMapper`` (test mode) output of ``dataset_name``."""
-        return build_detection_test_loader(load_dataset_dicts(dataset_name),
-                                           mapper=DetrDatasetMapper(cfg, False),
+        """Batches of one ``DetrDatasetMapper`` (test mode) output of ``dataset_name``; with
+        TEST.EVAL_LOSSES the inputs keep their ground truth as "instances"."""
+        mapper = DetrDatasetMapper(cfg, False, with_instances=cfg.TEST.EVAL_LOSSES)
+        return build_detection_test_loader(load_dataset_dicts(dataset_name), mapper=mapper,
                                            num_workers=cfg.DATALOADER.NUM_WORKERS)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
-        """COCO box AP of ``dataset_name``; results and predictions in OUTPUT_DIR/inference."""
-        return COCOEvaluator(dataset_name, tasks=("bbox",),
-                             output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"),
-                             use_fast_impl=compat.has_compiled_ops())
+        """The evaluator of ``dataset_name``'s ``evaluator_type`` (``detection_evaluator``);
+        results and predictions in OUTPUT_DIR/inference."""
+        return detection_evaluator(cfg, dataset_name, os.path.join(cfg.OUTPUT_DIR, "inference"))
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate ``model`` on every DATASETS.TEST set (DefaultTrainer.test).
+
+        With TEST.EVAL_LOSSES (and no ``evaluators`` given), each set's evaluator is joined
+        by a ``ValidationLossEvaluator`` and the model runs as ``WithValidationLosses``: one
+        forward pass per batch gives the detections and DETR's criterion. Each set's results
+        then also hold "val": {"loss", "loss_ce", ..., "loss_ce_unscaled", "class_error", ...},
+        stored by the EvalHook as ``val/<name>`` (``<dataset>/val/<name>`` with several sets).
+        """
+        if not cfg.TEST.EVAL_LOSSES or evaluators is not None:
+            return super().test(cfg, model, evaluators)
+        with_losses = WithValidationLosses(model)
+        weights = with_losses.model.criterion.weight_dict
+        output_dir = os.path.join(cfg.OUTPUT_DIR, "inference")
+        evaluators = [DatasetEvaluators([cls.build_evaluator(cfg, name),
+                                         ValidationLossEvaluator(name, weights, output_dir)])
+                      for name in cfg.DATASETS.TEST]
+        return super().test(cfg, with_losses, evaluators)
