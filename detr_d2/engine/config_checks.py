@@ -93,14 +93,6 @@ def _check_test(test):
              "True computes DETR's criterion on the test sets at each evaluation")
 
 
-def _check_test(test):
-    """TEST.COCO_EVAL_IMPL names a COCOeval; TEST.EVAL_LOSSES is a bool."""
-    _require(test.COCO_EVAL_IMPL in ("fast", "official"), "TEST.COCO_EVAL_IMPL", test.COCO_EVAL_IMPL,
-             "'fast' or 'official'", "'fast' (C++ COCOeval, the default) or 'official' (pycocotools)")
-    _require(isinstance(test.EVAL_LOSSES, bool), "TEST.EVAL_LOSSES", test.EVAL_LOSSES, "True or False",
-             "True computes DETR's criterion on the test sets at each evaluation")
-
-
 def check_model_config(cfg):
     """Values of MODEL.DETR, MODEL.MASK_ON and SOLVER that would fail deep inside model
     building or training."""
@@ -108,7 +100,6 @@ def check_model_config(cfg):
     _check_detr_options(cfg.MODEL.DETR)
     _check_masks(cfg.MODEL)
     _check_solver(cfg.SOLVER)
-    _check_test(cfg.TEST)
     _check_test(cfg.TEST)
 
 
