@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from PIL import Image
@@ -81,8 +82,22 @@ def _draw(boxes, category_ids):
     return image
 
 
-def write_coco_split(coco_dir, split, num_images, seed):
-    """Write ``coco_dir/<split>/*.png`` and ``coco_dir/annotations/instances_<split>.json``."""
+def rectangle_segmentation(box, as_rle):
+    """COCO "segmentation" of a filled [x, y, w, h] box: a polygon, or a compressed RLE
+    (counts as a string) of the IMAGE_SIZE x IMAGE_SIZE image."""
+    x, y, w, h = box
+    if not as_rle:
+        return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    mask[y:y + h, x:x + w] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def write_coco_split(coco_dir, split, num_images, seed, with_masks=False):
+    """Write ``coco_dir/<split>/*.png`` and ``coco_dir/annotations/instances_<split>.json``;
+    ``with_masks``: each annotation also has the "segmentation" of its filled box, a
+    polygon on odd image ids and an RLE on even ones."""
     rng = np.random.default_rng(seed)
     (coco_dir / split).mkdir(parents=True)
     (coco_dir / "annotations").mkdir(exist_ok=True)
@@ -98,6 +113,8 @@ def write_coco_split(coco_dir, split, num_images, seed):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": category_id, "bbox": box,
                                 "area": box[2] * box[3], "iscrowd": 0})
+            if with_masks:
+                annotations[-1]["segmentation"] = rectangle_segmentation(box, as_rle=image_id % 2 == 0)
     categories = [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
     coco = {"images": images, "annotations": annotations, "categories": categories}
     (coco_dir / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))

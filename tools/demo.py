@@ -2,7 +2,7 @@
 """Run a trained DETR on images or videos and draw its detections.
 
     python tools/demo.py --config-file CFG --input PATH [PATH ...] --output DIR \\
-        [--confidence-threshold 0.5] [--batch-size 4] [--opts KEY VALUE ...]
+        [--confidence-threshold 0.5] [--batch-size 4] [--draw-scale 1] [--opts KEY VALUE ...]
 
 PATH: image files, folders (the images directly inside), glob patterns (quote them), or
 videos (.mp4, .avi). Into DIR go, for each image, ``<name>.png`` with the detections
@@ -10,7 +10,8 @@ scoring at least the threshold drawn by detectron2's Visualizer; for each video,
 annotated video (same container, frame count and frame rate); and one
 ``predictions.json`` for the run: COCO-style records {"file_name", "category_id",
 "category_name", "bbox": [x, y, w, h] (pixels of the original image), "score"} (plus
-"frame", from 0, for video frames). Class names and category ids come from the metadata
+"frame", from 0, for video frames; with a MODEL.MASK_ON model the masks are drawn too and
+each record has "segmentation", the mask as COCO compressed RLE). Class names and category ids come from the metadata
 of the config's datasets (DATASETS.TRAIN, then DATASETS.TEST).
 
 Images may be grayscale, palette, RGBA or 16-bit and carry an EXIF orientation (drawn
@@ -52,6 +53,7 @@ from detr_d2.utils.tool_setup import (
     fraction,
     make_output_folder,
     metadata_with_class_names,
+    positive_float,
     positive_int,
     run_tool,
     setup_tool_logging,
@@ -74,6 +76,9 @@ def build_parser():
                         help="keep detections scoring at least this (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--draw-scale", type=positive_float, default=1.0, metavar="F",
+                        help="draw images F times their size, e.g. 4 for 128-px images, whose labels "
+                             "would otherwise cover the objects (default: 1; videos keep their size)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="read MODEL.WEIGHTS with full unpickling, which runs code from the file: "
                              "only for files whose origin you trust")
@@ -86,8 +91,9 @@ class DemoRun:
     """One run over the inputs: draws and records the confident detections, collects
     the inputs that failed."""
 
-    def __init__(self, predictor, metadata, threshold, batch_size, output_paths):
+    def __init__(self, predictor, metadata, threshold, batch_size, output_paths, draw_scale=1.0):
         self.predictor = predictor
+        self.draw_scale = draw_scale
         self.metadata = metadata
         self.threshold = threshold
         self.batch_size = batch_size
@@ -110,7 +116,8 @@ class DemoRun:
 
     def _save_image_result(self, path, image, detections):
         rgb = convert_image_to_rgb(image, self.predictor.image_format)
-        write_png(self.output_paths.path_for(path, ".png"), draw_predictions(rgb, detections, self.metadata))
+        write_png(self.output_paths.path_for(path, ".png"), draw_predictions(rgb, detections, self.metadata,
+                                                                                  scale=self.draw_scale))
         self.records.extend(coco_records(detections, path, self.metadata))
 
     def run_on_images(self, paths):
@@ -178,7 +185,8 @@ def main(argv=None):
     predictor = BatchPredictor(cfg, trust_pickle=args.trust_pickle)
     check_class_count(metadata, predictor.num_classes)
     output_paths = OutputPaths(make_output_folder(args.output), paths, reserved={PREDICTIONS_FILE})
-    run = DemoRun(predictor, metadata, args.confidence_threshold, args.batch_size, output_paths)
+    run = DemoRun(predictor, metadata, args.confidence_threshold, args.batch_size, output_paths,
+                  args.draw_scale)
     for failure in pattern_failures:
         run.fail(failure.path, failure.reason)
     run.run_on_images([path for path in paths if not is_video(path)])

@@ -6,7 +6,8 @@
 
 --source annotation: each image of DATASETS.TRAIN with its annotated boxes and class names.
 --source dataloader: what the training mapper (``DetrDatasetMapper(cfg, is_train=True)``)
-feeds the model: the augmented image (flip, crop, multi-scale resize) with its boxes.
+feeds the model: the augmented image (flip, crop, multi-scale resize) with its boxes (and,
+with MODEL.MASK_ON, its masks).
 Augmentation is random, seeded with SEED when SEED >= 0. With
 DATALOADER.FILTER_EMPTY_ANNOTATIONS, images without annotations are left out as in training.
 
@@ -87,7 +88,7 @@ class MapperDrawing:
 
     def __call__(self, record, metadata):
         """HWC uint8 RGB augmented image with its ``gt_boxes`` (xyxy absolute pixels of the
-        augmented image) labelled with the class names."""
+        augmented image) labelled with the class names, and its ``gt_masks`` (MODEL.MASK_ON)."""
         try:
             mapped = self.mapper(record)
         except (OSError, ValueError) as error:
@@ -96,7 +97,9 @@ class MapperDrawing:
         instances = mapped["instances"]
         names = metadata.get("thing_classes")
         labels = [names[c] if names else str(c) for c in instances.gt_classes.tolist()]
-        return Visualizer(image, metadata).overlay_instances(boxes=instances.gt_boxes, labels=labels).get_image()
+        masks = instances.gt_masks if instances.has("gt_masks") else None
+        return Visualizer(image, metadata).overlay_instances(boxes=instances.gt_boxes, labels=labels,
+                                                             masks=masks).get_image()
 
 
 def main(argv=None):
