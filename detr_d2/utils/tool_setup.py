@@ -17,7 +17,7 @@ from detectron2.utils.logger import setup_logger
 from detr_d2.errors import SetupError
 
 __all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "check_class_count", "fraction", "input_size",
-           "make_output_folder", "metadata_with_class_names", "positive_int", "run_tool",
+           "make_output_folder", "metadata_with_class_names", "positive_float", "positive_int", "run_tool",
            "setup_tool_logging"]
 
 EXIT_INPUT_FAILED = 1
@@ -94,6 +94,14 @@ def fraction(text):
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
 
 

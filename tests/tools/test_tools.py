@@ -159,6 +159,25 @@ def test_demo_draws_and_records_confident_detections(setup, tmp_path):
     assert records, "the threshold should keep some detections"
 
 
+def test_demo_draw_scale_enlarges_the_drawing_and_its_boxes(setup, tmp_path):
+    """--draw-scale 4: a 128-px image is drawn at 512 px, each box at 4x its coordinates;
+    predictions.json keeps the pixels of the original image."""
+    path = setup["val_images"][0]
+    result = run_tool("demo.py", "--config-file", setup["config"], "--input", path, "--output", tmp_path,
+                      "--confidence-threshold", 0.0, "--draw-scale", 4)
+    assert result.returncode == 0, result.stdout + result.stderr
+    drawn = read_rgb(tmp_path / path.name)
+    assert drawn.shape == (4 * IMAGE_SIZE, 4 * IMAGE_SIZE, 3)
+    enlarged = cv2.resize(read_rgb(path), (4 * IMAGE_SIZE, 4 * IMAGE_SIZE), interpolation=cv2.INTER_LINEAR)
+    changed = np.abs(drawn.astype(int) - enlarged.astype(int)).max(axis=2) > 10
+    records = json.loads((tmp_path / "predictions.json").read_text())
+    assert records and all(r["bbox"][0] + r["bbox"][2] <= IMAGE_SIZE + 1e-3 for r in records)
+    best = max(records, key=lambda r: r["score"])
+    assert changed[box_outline([4 * v for v in best["bbox"]], drawn.shape)].mean() > 0.5
+    assert run_tool("demo.py", "--config-file", setup["config"], "--input", path, "--output", tmp_path,
+                    "--draw-scale", 0).returncode == 2
+
+
 def write_video(path, frames, fps):
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (IMAGE_SIZE, IMAGE_SIZE))
     assert writer.isOpened()
