@@ -6,4 +6,5 @@ plot_logs.py, analyze_model.py).
 * ``predictor``: a batch predictor (test-time resize, weights loading, score threshold);
 * ``outputs``: drawings with detectron2's Visualizer, COCO-format result records, atomic
   PNG / JSON writes.
+* ``attention_drawing``: the attention grids of tools/visualize_attention.py.
 """
