@@ -24,24 +24,34 @@ THRESHOLD = 0.5
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    """BatchPredictor of the bundled model, class names from generated validation images of
-    the classes it was trained on (the "pretrain" preset)."""
+def val_dir(tmp_path_factory):
+    """Generated validation images of the classes the bundled model was trained on (the
+    "pretrain" preset): the dataset folder."""
     root = tmp_path_factory.mktemp("attention_shapes")
-    jsons = generate_dataset(str(root), PRESETS["pretrain"], {"val": NUM_VAL_IMAGES})
-    register = repr((("attention_maps_val", jsons["val"], str(root / "images" / "val")),))
-    cfg = build_config(str(BUNDLED_CONFIG), ["MODEL.WEIGHTS", str(BUNDLED_WEIGHTS), "DATASETS.REGISTER_COCO", register,
-                                             "DATASETS.TRAIN", "('attention_maps_val',)", "DATASETS.TEST", "()"],
-                       all_datasets_registered=False)
-    predictor = BatchPredictor(cfg)
-    predictor.val_images = [read_input_image(str(path), "RGB") for path in sorted((root / "images" / "val").glob("*.png"))]
-    return predictor
+    generate_dataset(str(root), PRESETS["pretrain"], {"val": NUM_VAL_IMAGES})
+    return root
 
 
-def _square_and_tall_inputs(predictor):
+@pytest.fixture(scope="module")
+def val_images(val_dir):
+    """The validation images, HWC uint8 RGB."""
+    return [read_input_image(str(path), "RGB") for path in sorted((val_dir / "images" / "val").glob("*.png"))]
+
+
+@pytest.fixture(scope="module")
+def predictor(val_dir):
+    """BatchPredictor of the bundled model, class names from the validation set."""
+    dataset = ("attention_maps_val", str(val_dir / "annotations" / "val.json"), str(val_dir / "images" / "val"))
+    register = repr((dataset,))
+    opts = ["MODEL.WEIGHTS", str(BUNDLED_WEIGHTS), "DATASETS.REGISTER_COCO", register,
+            "DATASETS.TRAIN", "('attention_maps_val',)", "DATASETS.TEST", "()"]
+    return BatchPredictor(build_config(str(BUNDLED_CONFIG), opts, all_datasets_registered=False))
+
+
+def _square_and_tall_inputs(predictor, val_images):
     """Model inputs of a 128x128 validation image and a 128x80 (HxW) crop of another: the
     crop is resized to 205x128, so the square one is padded at the bottom in the batch."""
-    square, other = predictor.val_images[:2]
+    square, other = val_images[:2]
     return [predictor.model_input(square), predictor.model_input(np.ascontiguousarray(other[:, 24:104]))]
 
 
@@ -57,10 +67,10 @@ def _assert_same_outputs(expected, actual):
         assert torch.equal(a.pred_classes, b.pred_classes)
 
 
-def test_maps_cover_the_feature_cells_and_sum_to_one_per_query_and_head(predictor):
+def test_maps_cover_the_feature_cells_and_sum_to_one_per_query_and_head(predictor, val_images):
     """A padded batch: each image's maps have its unpadded feature-map shape, sum to 1 over
     it for every query / source cell and head; the recording puts no mass on padding."""
-    inputs = _square_and_tall_inputs(predictor)
+    inputs = _square_and_tall_inputs(predictor, val_images)
     with torch.no_grad(), record_attention(predictor.model) as recording:
         predictor.model(inputs)
     assert recording.padding_mask.shape == (2, 13, 8)  # 205x128 padded batch, stride 16
@@ -82,14 +92,14 @@ def test_maps_cover_the_feature_cells_and_sum_to_one_per_query_and_head(predicto
         torch.testing.assert_close(attention.encoder.sum((-2, -1)), torch.ones(HEADS, rows * cols))
 
 
-def test_decoder_attention_of_a_detection_is_dense_inside_its_box(predictor):
+def test_decoder_attention_of_a_detection_is_dense_inside_its_box(predictor, val_images):
     """For every detection scoring >= 0.5 on the validation images: the head-averaged map
     upsampled to the image (to_image, renormalised to sum 1) has a mean value per pixel
     inside the detected box and another outside it; their ratio is 1 for attention that
     ignores the box. Measured: 14.7 on average over the 37 detections of these 8 images,
     9.5 at least (14.8 / 7.7 over 799 detections of 200 validation images)."""
     ratios = []
-    for image in predictor.val_images:
+    for image in val_images:
         [(instances, attention)] = detections_with_attention(predictor.model, [predictor.model_input(image)])
         queries = confident_queries(instances, THRESHOLD)
         maps = attention.to_image(attention.decoder[:, queries].mean(0))
@@ -103,26 +113,30 @@ def test_decoder_attention_of_a_detection_is_dense_inside_its_box(predictor):
     assert ratios.mean() > 5 and ratios.min() > 2, ratios
 
 
-def test_encoder_map_from_a_point_is_that_of_the_cell_holding_it(predictor):
-    _, attention = detections_with_attention(predictor.model, [predictor.model_input(predictor.val_images[0])])[0]
+def test_encoder_map_from_a_point_is_that_of_the_cell_holding_it(predictor, val_images):
+    _, attention = detections_with_attention(predictor.model, [predictor.model_input(val_images[0])])[0]
     assert attention.encoder_cell_at(x=20, y=100) == (100 // STRIDE) * 8 + 20 // STRIDE
     assert attention.encoder_cell_at(x=127.9, y=0) == 7
     torch.testing.assert_close(attention.encoder_from(20, 100), attention.encoder[:, 6 * 8 + 1])
 
 
 @pytest.mark.parametrize("fast_paths", [True, False])
-def test_outputs_are_identical_with_and_without_the_hooks_which_are_removed_after(predictor, fast_paths):
+def test_outputs_are_identical_with_and_without_the_hooks_which_are_removed_after(predictor, val_images,
+                                                                                  fast_paths):
+    """The bundled model accelerated (FastMaskMultiheadAttention, prepacked backbone) and plain."""
+    inputs = _square_and_tall_inputs(predictor, val_images)
     model = set_fast_paths(predictor.model, fast_paths)
-    inputs = _square_and_tall_inputs(predictor)
-    before = _outputs(model, inputs)
-    with record_attention(model) as recording:
-        during = _outputs(model, inputs)
-    after = _outputs(model, inputs)
-    assert recording.decoder is not None
+    try:
+        before = _outputs(model, inputs)
+        with record_attention(model) as recording:
+            during = _outputs(model, inputs)
+        after = _outputs(model, inputs)
+    finally:
+        set_fast_paths(model, True)
+    assert recording.decoder.shape == (2, HEADS, QUERIES, 13 * 8)
     _assert_same_outputs(before, during)
     _assert_same_outputs(before, after)
     assert not any(module._forward_hooks for module in model.modules())
-    set_fast_paths(model, True)
 
 
 @pytest.mark.parametrize("config_file, stride, opts", [
