@@ -123,7 +123,7 @@ def test_encoder_map_from_a_point_is_that_of_the_cell_holding_it(predictor, val_
 @pytest.mark.parametrize("fast_paths", [True, False])
 def test_outputs_are_identical_with_and_without_the_hooks_which_are_removed_after(predictor, val_images,
                                                                                   fast_paths):
-    """The bundled model accelerated (FastMaskMultiheadAttention, prepacked backbone) and plain."""
+    """The bundled model with its fast paths (folded norms, FastMaskMultiheadAttention) and without."""
     inputs = _square_and_tall_inputs(predictor, val_images)
     model = set_fast_paths(predictor.model, fast_paths)
     try:
