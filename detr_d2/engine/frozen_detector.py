@@ -12,7 +12,7 @@ from detr_d2.errors import SetupError
 
 __all__ = ["MASK_HEAD_PREFIX", "freeze_detector", "load_frozen_detector"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("detectron2")  # the run's log.txt and console
 MASK_HEAD_PREFIX = "mask_head."
 
 

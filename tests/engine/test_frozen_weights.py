@@ -36,7 +36,7 @@ def train_steps(model, optimizer, steps):
 def test_detector_loaded_frozen_and_unchanged_while_the_mask_head_trains(detector_file, caplog):
     path, detector_state = detector_file
     cfg = small_config(*DETECTOR_OPTS, "MODEL.MASK_ON", "True", "MODEL.DETR.FROZEN_WEIGHTS", str(path))
-    with caplog.at_level(logging.INFO, logger="detr_d2.engine.frozen_detector"):
+    with caplog.at_level(logging.INFO, logger="detectron2"):
         model = Trainer.build_model(cfg)
     assert "detector loaded from" in caplog.text and "training only the mask head" in caplog.text
     before = {name: value.clone() for name, value in model.state_dict().items()}
