@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Plot the training curves of one or more runs from their metrics.json.
+"""Plot the training and validation curves of one or more runs from their metrics.json.
 
     python tools/plot_logs.py OUTPUT_DIR [OUTPUT_DIR ...] --output curves.png [--smooth K]
 
 Each OUTPUT_DIR is a training run's folder holding detectron2's ``metrics.json`` (one JSON
 object per line with "iteration" and the scalars logged then; evaluation lines carry
-"bbox/AP", "bbox/AP50"). One panel per metric (total_loss, loss_ce, loss_bbox,
+"bbox/AP", "bbox/AP50" and, with TEST.EVAL_LOSSES, the criterion on the test set as
+"val/loss", "val/loss_ce", ...). One panel per metric (total_loss, loss_ce, loss_bbox,
 loss_giou, class_error, cardinality_error, lr, bbox/AP, bbox/AP50) against the iteration,
-the runs overlaid and named by their folder. ``--smooth K`` plots the losses and errors
-as a trailing moving average over K logged points. When a resumed run logged an
-iteration twice, the later line counts. The figure format follows the --output
+the runs overlaid in their own colour and named by their folder. The loss and error
+panels draw the training value as a line and the validation value at each evaluation
+as a dashed line with markers (total_loss beside val/loss); with several test sets each
+has its own marker ("<dataset>/val/..." keys). ``--smooth K`` plots the training losses
+and errors as a trailing moving average over K logged points. When a resumed run logged
+an iteration twice, the later line counts. The figure format follows the --output
 extension (png, pdf, svg); the file is written atomically.
 """
 import argparse
@@ -31,6 +35,9 @@ from detr_d2.utils.tool_setup import positive_int, run_tool, setup_tool_logging
 PANELS = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error",
           "lr", "bbox/AP", "bbox/AP50")
 SMOOTHED = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
+EVALUATED = ("bbox/AP", "bbox/AP50")
+VALIDATION_NAME = {"total_loss": "loss"}  # training metric -> its name among the val/ statistics
+TEST_SET_MARKERS = ("o", "s", "^", "D", "v")
 FIGURE_FORMATS = ("png", "pdf", "svg")
 METRICS_FILE = "metrics.json"
 
@@ -90,39 +97,67 @@ def run_labels(run_dirs):
     return [name if names.count(name) == 1 else run for name, run in zip(names, run_dirs)]
 
 
+def keys_ending_in(rows, suffix):
+    """The keys of ``rows`` that are ``suffix`` or end in "/<suffix>" (one per test set when
+    there are several: "<dataset>/bbox/AP"), sorted."""
+    return sorted({key for row in rows for key in row if key == suffix or key.endswith("/" + suffix)})
+
+
+def evaluation_keys(rows, key):
+    """The keys of ``rows`` drawn as evaluations in panel ``key``: its AP keys, or for a
+    training loss or error its validation counterparts ("val/<name>")."""
+    if key in EVALUATED:
+        return keys_ending_in(rows, key)
+    if key in SMOOTHED:
+        return keys_ending_in(rows, "val/" + VALIDATION_NAME.get(key, key))
+    return []
+
+
 def plot_panel(axes, key, runs, smooth):
-    """Draw metric ``key`` of every (label, rows) run into ``axes`` (run i in colour Ci)."""
-    drawn = False
+    """Draw metric ``key`` of every (label, rows) run into ``axes`` (run i in colour Ci): the
+    training value as a line, evaluations with markers (validation values dashed).
+    Returns the validation keys drawn."""
+    drawn, validation = False, set()
     for index, (label, rows) in enumerate(runs):
         iterations, values = metric_series(rows, key)
-        if not len(values):
-            continue
-        if key in SMOOTHED and smooth > 1:
-            values = moving_average(values, smooth)
-        marker = "o" if key.startswith("bbox/") else None
-        axes.plot(iterations, values, color=f"C{index}", marker=marker, markersize=3, label=label)
-        drawn = True
-    axes.set_title(key)
+        if len(values) and key not in EVALUATED:
+            if key in SMOOTHED and smooth > 1:
+                values = moving_average(values, smooth)
+            axes.plot(iterations, values, color=f"C{index}", label=label)
+            drawn = True
+        for number, evaluated in enumerate(evaluation_keys(rows, key)):
+            iterations, values = metric_series(rows, evaluated)
+            style = "-" if key in EVALUATED else "--"
+            axes.plot(iterations, values, color=f"C{index}", linestyle=style,
+                      marker=TEST_SET_MARKERS[number % len(TEST_SET_MARKERS)], markersize=4)
+            drawn = True
+            validation.update([evaluated] if key not in EVALUATED else [])
+    axes.set_title(f"{key} (dashed: validation)" if validation else key)
     axes.grid(alpha=0.3)
     if not drawn:
         axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes, color="grey")
+    return validation
 
 
 def curves_figure(runs, smooth):
-    """A 3x3 Figure with one panel per metric of PANELS (a shared iteration axis) and a
-    legend of the runs."""
+    """(3x3 Figure with one panel per metric of PANELS (a shared iteration axis) and a
+    legend of the runs and line styles, sorted validation keys drawn)."""
     figure = Figure(figsize=(13, 9.5), dpi=100, layout="constrained")
     grid = figure.subplots(3, 3, sharex=True)
+    validation = set()
     for axes, key in zip(grid.flat, PANELS):
-        plot_panel(axes, key, runs, smooth)
+        validation |= plot_panel(axes, key, runs, smooth)
     for axes in grid[-1]:
         axes.set_xlabel("iteration")
     handles = [Line2D([], [], color=f"C{index}") for index in range(len(runs))]
-    figure.legend(handles, [label for label, _ in runs], loc="outside lower center",
-                  ncols=min(len(runs), 4))
-    smoothing = f" (losses and errors: moving average of {smooth} points)" if smooth > 1 else ""
-    figure.suptitle(f"training curves{smoothing}")
-    return figure
+    labels = [label for label, _ in runs]
+    if validation:
+        handles += [Line2D([], [], color="black"), Line2D([], [], color="black", linestyle="--", marker="o")]
+        labels += ["training", "validation (test set, at each evaluation)"]
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
+    smoothing = f" (training losses and errors: moving average of {smooth} points)" if smooth > 1 else ""
+    figure.suptitle(f"training and validation curves{smoothing}")
+    return figure, sorted(validation)
 
 
 def main(argv=None):
@@ -133,9 +168,11 @@ def main(argv=None):
         raise SetupError(f"--output {args.output}: use one of the extensions {', '.join(FIGURE_FORMATS)}")
     runs = list(zip(run_labels(args.runs), [read_metrics(run) for run in args.runs]))
     buffer = io.BytesIO()
-    curves_figure(runs, args.smooth).savefig(buffer, format=extension)
+    figure, validation = curves_figure(runs, args.smooth)
+    figure.savefig(buffer, format=extension)
     atomic_write(args.output, lambda file: file.write(buffer.getvalue()))
-    logger.info(f"Wrote the curves of {len(runs)} run(s) to {args.output}")
+    drawn = f"; validation curves: {', '.join(validation)}" if validation else "; no validation values logged"
+    logger.info(f"Wrote the curves of {len(runs)} run(s) to {args.output}{drawn}")
     return 0
 
 

@@ -256,8 +256,9 @@ def test_visualize_data_draws_the_training_mapper_output(setup, tmp_path):
         assert read_rgb(drawing).shape == (TRAIN_SIZE, TRAIN_SIZE, 3)
 
 
-def write_metrics(run_dir, total_iters, eval_period, decay):
-    """A metrics.json as detectron2's JSONWriter writes it during a DETR training run."""
+def write_metrics(run_dir, total_iters, eval_period, decay, validation=False):
+    """A metrics.json as detectron2's JSONWriter writes it during a DETR training run; with
+    ``validation`` the evaluations also hold the criterion on the test set (val/...)."""
     run_dir.mkdir()
     lines = []
     for iteration in range(19, total_iters, 20):
@@ -271,6 +272,10 @@ def write_metrics(run_dir, total_iters, eval_period, decay):
             lines.append({"bbox/AP": ap, "bbox/AP-circle": float("nan"), "bbox/AP50": min(100, ap * 1.4),
                           "bbox/AP75": ap * 0.9, "bbox/APl": ap, "bbox/APm": ap, "bbox/APs": float("nan"),
                           "iteration": iteration + 1})
+            if validation:  # the validation loss turns up again late: over-fitting
+                lines[-1].update({"val/loss": 6 * loss + iteration / total_iters, "val/loss_ce": 1.7 * loss,
+                                  "val/loss_ce_unscaled": 1.7 * loss, "val/class_error": 100 * loss + 5,
+                                  "val/cardinality_error": 8 * loss + 1})
     (run_dir / "metrics.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
@@ -286,6 +291,22 @@ def test_plot_logs_overlays_runs(tmp_path):
     assert missing.returncode == 2
     assert f"No metrics.json in {tmp_path / 'nowhere'}" in missing.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_logs_draws_validation_beside_training(tmp_path):
+    """val/ values (TEST.EVAL_LOSSES) are drawn in the panels of their training metric."""
+    write_metrics(tmp_path / "with_val", 400, 100, decay=150, validation=True)
+    write_metrics(tmp_path / "without", 400, 100, decay=150)
+    plots, logs = {}, {}
+    for run in ("with_val", "without"):
+        result = run_tool("plot_logs.py", tmp_path / run, "--output", tmp_path / f"{run}.png")
+        assert result.returncode == 0, result.stdout + result.stderr
+        plots[run], logs[run] = read_rgb(tmp_path / f"{run}.png"), result.stdout + result.stderr
+    assert "validation curves: val/cardinality_error, val/class_error, val/loss, val/loss_ce" in logs["with_val"]
+    assert "no validation values logged" in logs["without"]
+    assert plots["with_val"].shape == plots["without"].shape
+    differs = np.abs(plots["with_val"].astype(int) - plots["without"].astype(int)).max(axis=2) > 50
+    assert differs.mean() > 0.002
 
 
 def test_analyze_model_counts_parameters_and_flops(setup, tmp_path):
