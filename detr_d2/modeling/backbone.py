@@ -7,12 +7,14 @@ from torch import nn
 def pixel_padding_mask(image_sizes, padded_shape, device):
     """[B, H, W] bool, True on the bottom/right padding of each image in the batch.
 
-    ``image_sizes`` are the unpadded (h, w) of each image; ``padded_shape`` is (H, W).
+    ``image_sizes`` are the unpadded (h, w) of each image: a list of pairs, or an int64
+    tensor [B, 2]; ``padded_shape`` is (H, W). Built from index comparisons, so a traced or
+    exported model computes it from its inputs.
     """
-    mask = torch.ones((len(image_sizes), *padded_shape), dtype=torch.bool, device=device)
-    for i, (height, width) in enumerate(image_sizes):
-        mask[i, :height, :width] = False
-    return mask
+    sizes = torch.as_tensor(image_sizes, device=device).reshape(-1, 2)
+    rows = torch.arange(padded_shape[0], device=device)[None, :, None]
+    columns = torch.arange(padded_shape[1], device=device)[None, None, :]
+    return (rows >= sizes[:, 0, None, None]) | (columns >= sizes[:, 1, None, None])
 
 
 def feature_padding_mask(pixel_mask, feature_shape):

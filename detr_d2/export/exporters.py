@@ -1,0 +1,86 @@
+"""Writing ``ExportableDetr`` as ONNX or TorchScript, and running what was written.
+
+ONNX: torch's dynamo exporter (``torch.onnx.export(dynamo=True)``, opset 18, weights inside
+the one file), with the batch, height and width dynamic. TorchScript: ``torch.jit.trace``
+(shapes are traced as operations, so other sizes and batch sizes run the same graph).
+Both take ``(images float32 [B, 3, H, W], image_sizes int64 [B, 2])`` and return
+``(logits [B, Q, K+1], boxes [B, Q, 4])``, see ``ExportableDetr``.
+"""
+import logging
+import warnings
+
+import torch
+from torch.export import Dim
+
+from detr_d2.errors import SetupError
+from detr_d2_deploy.errors import DeployError
+from detr_d2_deploy.files import written_atomically
+from detr_d2_deploy.predictor import onnx_session
+from detr_d2_deploy.spec import BOXES, IMAGE_SIZES, IMAGES, LOGITS
+
+__all__ = ["EXPORTERS", "ONNX_OPSET", "export_onnx", "export_torchscript", "load_exported"]
+
+ONNX_OPSET = 18
+
+
+def _dynamic_shapes():
+    batch, height, width = Dim("batch", min=1), Dim("height", min=2), Dim("width", min=2)
+    return {IMAGES: {0: batch, 2: height, 3: width}, IMAGE_SIZES: {0: batch}}
+
+
+def export_onnx(adapter, images, image_sizes, path):
+    """Write ``adapter`` to the ONNX file ``path`` (atomically), traced on the example batch
+    ``images`` / ``image_sizes`` (torch tensors; at least 2 images, so that the batch stays
+    dynamic)."""
+    optimizer_log = logging.getLogger("onnxscript")
+    level = optimizer_log.level
+    optimizer_log.setLevel(logging.ERROR)  # its notes on ops it does not constant-fold
+    with written_atomically(path) as temporary, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis names
+        torch.onnx.export(adapter, (images, image_sizes), temporary, input_names=[IMAGES, IMAGE_SIZES],
+                          output_names=[LOGITS, BOXES], dynamic_shapes=_dynamic_shapes(), dynamo=True,
+                          opset_version=ONNX_OPSET, external_data=False, verbose=False)
+    optimizer_log.setLevel(level)
+
+
+def export_torchscript(adapter, images, image_sizes, path):
+    """Write ``adapter`` traced by ``torch.jit.trace`` on the example batch to ``path``
+    (atomically)."""
+    with written_atomically(path) as temporary, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # trace warnings on Python values that do not depend on the input
+        torch.jit.save(torch.jit.trace(adapter, (images, image_sizes)), temporary)
+
+
+EXPORTERS = {"onnx": export_onnx, "torchscript": export_torchscript}
+
+
+class _TorchScriptRunner:
+    def __init__(self, path):
+        try:
+            self.module = torch.jit.load(path, map_location="cpu")
+        except RuntimeError as error:
+            raise SetupError(f"torch.jit.load cannot read {path}: {error}") from error
+
+    def __call__(self, images, image_sizes):
+        with torch.no_grad():
+            logits, boxes = self.module(torch.from_numpy(images), torch.from_numpy(image_sizes))
+        return logits.numpy(), boxes.numpy()
+
+
+class _OnnxRunner:
+    def __init__(self, path):
+        try:
+            self.session = onnx_session(path)
+        except DeployError as error:
+            raise SetupError(str(error)) from error
+
+    def __call__(self, images, image_sizes):
+        logits, boxes = self.session.run([LOGITS, BOXES], {IMAGES: images, IMAGE_SIZES: image_sizes})
+        return logits, boxes
+
+
+def load_exported(format, path):
+    """The exported model at ``path`` (onnxruntime for "onnx", torch.jit.load for
+    "torchscript") as a function (images float32 [B, 3, H, W], image_sizes int64 [B, 2],
+    numpy) -> (logits [B, Q, K+1], boxes [B, Q, 4]) numpy."""
+    return _OnnxRunner(path) if format == "onnx" else _TorchScriptRunner(path)

@@ -1,0 +1,82 @@
+"""detr_d2_deploy's numpy steps equal what tools/demo.py runs in torch/detectron2: image
+reading, test-time resize, normalisation, padding, post-processing."""
+import numpy as np
+import pytest
+import torch
+from detectron2.data import transforms as T
+from detectron2.structures import ImageList
+from PIL import Image
+
+from detr_d2.data.image_io import read_image as detr_d2_read_image
+from detr_d2.modeling.postprocess import detections_to_instances
+from detr_d2_deploy.detections import detections_from_outputs
+from detr_d2_deploy.errors import UnreadableImage
+from detr_d2_deploy.images import network_input_size, normalised, padded_batch, read_image, resized
+
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+def write_images(folder):
+    """Image files in the formats tools/demo.py accepts: RGB, grayscale, RGBA, palette,
+    16-bit, EXIF-rotated JPEG."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.png")
+    Image.fromarray(rgb[:, :, 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])).save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(rng.integers(0, 65536, (37, 53)).astype(np.uint16)).save(folder / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: shown turned by 90 degrees
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    return sorted(folder.iterdir())
+
+
+@pytest.mark.parametrize("channel_order", ["RGB", "BGR"])
+def test_read_image_equals_the_tools_reader(tmp_path, channel_order):
+    for path in write_images(tmp_path):
+        expected = detr_d2_read_image(str(path), format=channel_order)
+        assert np.array_equal(read_image(str(path), channel_order), expected), path.name
+    assert read_image(str(tmp_path / "rotated.jpg")).shape == (53, 37, 3)
+
+
+def test_unreadable_images_say_why(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(UnreadableImage, match="not a decodable image"):
+        read_image(str(tmp_path / "empty.jpg"))
+    with pytest.raises(UnreadableImage, match="file does not exist"):
+        read_image(str(tmp_path / "missing.png"))
+
+
+def test_resize_equals_detectron2_resize_shortest_edge():
+    rng = np.random.default_rng(1)
+    for height, width, shortest, longest in [(480, 640, 800, 1333), (1001, 333, 800, 1333), (97, 131, 128, 128),
+                                             (300, 300, 128, 1000), (61, 87, 0, 1333)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        augmentation = T.ResizeShortestEdge(shortest, longest, "choice")
+        expected = augmentation.get_transform(image).apply_image(image)
+        assert network_input_size(height, width, shortest, longest) == expected.shape[:2]
+        assert np.array_equal(resized(image, shortest, longest), expected)
+
+
+def test_normalised_padded_batch_equals_detr_preprocessing():
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, size, dtype=np.uint8) for size in [(45, 70, 3), (66, 31, 3)]]
+    batch, sizes = padded_batch([normalised(image, MEAN, STD) for image in images])
+    mean, std = torch.tensor(MEAN).view(-1, 1, 1), torch.tensor(STD).view(-1, 1, 1)
+    expected = ImageList.from_tensors([(torch.from_numpy(i.transpose(2, 0, 1).copy()) - mean) / std for i in images])
+    assert np.array_equal(batch, expected.tensor.numpy())
+    assert sizes.tolist() == [list(s) for s in expected.image_sizes] and sizes.dtype == np.int64
+
+
+def test_detections_equal_detr_postprocessing():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 3, (10, 5)).astype(np.float32)
+    boxes = rng.uniform(0, 1, (10, 4)).astype(np.float32)  # some reach past the image: clipped
+    detections = detections_from_outputs(logits, boxes, (375, 500))
+    instances = detections_to_instances(torch.from_numpy(logits), torch.from_numpy(boxes), (375, 500))
+    np.testing.assert_allclose(detections.boxes, instances.pred_boxes.tensor.numpy(), atol=1e-4)
+    np.testing.assert_allclose(detections.scores, instances.scores.numpy(), atol=1e-6)
+    assert np.array_equal(detections.labels, instances.pred_classes.numpy())
+    kept = detections.confident(float(np.median(detections.scores)))
+    assert len(kept) == (detections.scores >= np.median(detections.scores)).sum() >= 5
