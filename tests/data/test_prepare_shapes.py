@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 from pycocotools.coco import COCO
 
@@ -97,6 +98,7 @@ def test_boxes_are_tight_around_drawn_pixels(custom_dataset):
             assert has_colour[0].any() and has_colour[-1].any(), "top/bottom edge not touched"
             assert has_colour[:, 0].any() and has_colour[:, -1].any(), "left/right edge not touched"
             assert ann["area"] == int(obj.mask.sum())
+            assert np.array_equal(mask_util.decode(ann["segmentation"]).astype(bool), obj.mask)
 
 
 def test_every_shape_spans_its_size_exactly():

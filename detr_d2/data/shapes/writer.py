@@ -9,10 +9,11 @@ import re
 
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 
 from detr_d2.data.shapes.rendering import render_sample, sample_rng
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: annotations carry the "segmentation" of the visible pixels
 TEMPORARY_NAME = r"\..+\.\d+\.tmp"  # what write_atomic writes before renaming
 
 
@@ -38,6 +39,12 @@ def _png_bytes(image_rgb):
     return encoded.tobytes()
 
 
+def mask_rle(mask):
+    """COCO compressed RLE {"size": [H, W], "counts": str} of a boolean mask [H, W]."""
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 def image_file_name(index):
     """File name of image ``index`` of a split, e.g. ``000042.png``."""
     return f"{index:06d}.png"
@@ -61,8 +68,8 @@ def write_split(output_dir, split, num_images, classes, settings, seed):
     """Render and write the images and COCO json of one split; returns the json path.
 
     Image ``index`` goes to ``images/<split>/<index:06d>.png`` with image id index + 1;
-    COCO ``bbox`` is [x, y, w, h] tight around the object's visible pixels and ``area``
-    counts those pixels.
+    COCO ``bbox`` is [x, y, w, h] tight around the object's visible pixels, ``area``
+    counts those pixels and ``segmentation`` is their mask as compressed RLE.
     """
     image_dir = os.path.join(output_dir, "images", split)
     os.makedirs(image_dir, exist_ok=True)
@@ -78,7 +85,7 @@ def write_split(output_dir, split, num_images, classes, settings, seed):
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": obj.class_index + 1, "bbox": obj.bbox_xywh(),
-                                "area": obj.area(), "iscrowd": 0})
+                                "area": obj.area(), "iscrowd": 0, "segmentation": mask_rle(obj.mask)})
     _remove_stale_images(image_dir, {image["file_name"] for image in images})
     coco = {"info": {"description": f"synthetic shapes ({split})", "version": GENERATOR_VERSION},
             "images": images, "annotations": annotations, "categories": _categories(classes)}
