@@ -9,7 +9,7 @@ from torch import nn
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
-from detr_d2.modeling.mask_head import FPN_FEATURES, MaskHead
+from detr_d2.modeling.mask_head import NUM_LEVELS, MaskHead, mask_head_levels
 from detr_d2.modeling.mlp import MLP
 from detr_d2.modeling.position_encoding import build_position_embedding
 from detr_d2.modeling.postprocess import results_for_batch
@@ -54,18 +54,20 @@ def build_masked_backbone(cfg):
 
 
 def build_mask_head(cfg, backbone):
-    """The mask head of MODEL.MASK_ON (None when off); its adapters take the backbone's
-    res4, res3, res2 channel counts."""
+    """The mask head of MODEL.MASK_ON (None when off), reading the three backbone levels
+    next finer than MODEL.DETR.IN_FEATURE (res4, res3, res2 of a ResNet; the tiny CNN's
+    earlier stages); its adapters take their channel counts."""
     if not cfg.MODEL.MASK_ON:
         return None
     shapes = backbone.body.output_shape()
-    missing = [name for name in FPN_FEATURES if name not in shapes]
-    if missing:
-        raise ValueError(f"MODEL.MASK_ON needs the backbone features res2-res5, but "
-                         f"{cfg.MODEL.BACKBONE.NAME} gives {sorted(shapes)} (no {missing}); use a ResNet "
-                         "backbone with MODEL.RESNETS.OUT_FEATURES ['res2', 'res3', 'res4', 'res5']")
+    levels = mask_head_levels(shapes, backbone.in_feature)
+    if len(levels) < NUM_LEVELS:
+        raise ValueError(f"MODEL.MASK_ON needs {NUM_LEVELS} backbone features finer than MODEL.DETR.IN_FEATURE "
+                         f"{backbone.in_feature!r} (res4, res3, res2 for res5), but {cfg.MODEL.BACKBONE.NAME} gives "
+                         f"{sorted(shapes)}; use a ResNet with MODEL.RESNETS.OUT_FEATURES "
+                         "['res2', 'res3', 'res4', 'res5'] or a backbone with more stages")
     detr = cfg.MODEL.DETR
-    return MaskHead(detr.HIDDEN_DIM, detr.NHEADS, [shapes[name].channels for name in FPN_FEATURES])
+    return MaskHead(detr.HIDDEN_DIM, detr.NHEADS, levels, [shapes[name].channels for name in levels])
 
 
 def build_transformer(cfg):

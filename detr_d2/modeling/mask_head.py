@@ -9,12 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FPN_FEATURES", "MaskHead", "mask_head_size_problems"]
+__all__ = ["MaskHead", "mask_head_levels", "mask_head_size_problems"]
 
-# Backbone features the head reads, coarsest first: res5 (through the input projection),
-# then the adapters' res4, res3, res2.
-FPN_FEATURES = ("res4", "res3", "res2")
 GROUP_NORM_GROUPS = 8
+NUM_LEVELS = 3  # finer backbone levels the FPN steps add (res4, res3, res2 of a ResNet)
+
+
+def mask_head_levels(shapes, in_feature):
+    """Names of the ``NUM_LEVELS`` backbone outputs of ``shapes`` ({name: ShapeSpec}) below
+    ``in_feature``, deepest first: res4, res3, res2 for a ResNet's res5 (dilated or not).
+    Below: another output of at most its stride; deeper: larger stride, then (a dilated
+    stage keeps its stride) more channels. Fewer if the backbone has fewer."""
+    below = [name for name in shapes if name != in_feature and shapes[name].stride <= shapes[in_feature].stride]
+    return sorted(below, key=lambda name: (-shapes[name].stride, -shapes[name].channels))[:NUM_LEVELS]
 
 
 def mask_head_size_problems(hidden_dim, nheads):
@@ -113,15 +120,17 @@ class MaskHead(nn.Module):
 
     forward(hidden [B, Q, D] last decoder layer, memory [B, D, h5, w5] encoder output,
     projected [B, D, h5, w5] = input_proj(res5), padding_mask [B, h5, w5] bool,
-    levels {"res4", "res3", "res2": [B, C, h, w]}) -> mask logits [B, Q, h2, w2] at the
-    res2 size of the padded batch (no sigmoid).
+    levels {name: [B, C, h, w]} holding ``level_names``, e.g. res4, res3, res2) -> mask
+    logits [B, Q, h2, w2] at the size of the finest level (res2) of the padded batch (no
+    sigmoid).
     """
 
-    def __init__(self, hidden_dim, num_heads, level_channels):
+    def __init__(self, hidden_dim, num_heads, level_names, level_channels):
         super().__init__()
         problems = mask_head_size_problems(hidden_dim, num_heads)
         if problems:
             raise ValueError("; ".join(problems))
+        self.level_names = list(level_names)
         self.attention_map = AttentionMap(hidden_dim, num_heads)
         self.fpn = FpnMaskConv(hidden_dim + num_heads, hidden_dim, level_channels)
 
@@ -129,5 +138,5 @@ class MaskHead(nn.Module):
         batch, num_queries = hidden.shape[:2]
         maps = self.attention_map(hidden, memory, padding_mask)
         x = torch.cat([_repeat_per_query(projected, num_queries), maps.flatten(0, 1)], dim=1)
-        logits = self.fpn(x, [levels[name] for name in FPN_FEATURES])
+        logits = self.fpn(x, [levels[name] for name in self.level_names])
         return logits.view(batch, num_queries, *logits.shape[-2:])

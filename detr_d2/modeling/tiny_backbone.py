@@ -66,13 +66,15 @@ def _conv_norm_relu(in_channels, out_channels, stride, norm):
 
 
 class TinyCNN(Backbone):
-    """Plain conv stack; forward(x [B, C, H, W]) -> {out_feature: [B, C', ceil(H/s), ceil(W/s)]}.
+    """Plain conv stack; forward(x [B, C, H, W]) -> {out_feature: [B, C', ceil(H/s), ceil(W/s)]},
+    with ``stage_outputs`` also {"stage<k>": output of stage k} for every stage but the last
+    (stride 2**k, WIDTH * 2**(k-1) channels), the finer levels a mask head reads.
 
     Parameter names: ``stage<k>.<j>.weight`` (k from 1) and ``stage<k>.<j>.norm.*``.
     """
 
     def __init__(self, in_channels=3, width=32, num_layers=8, stride=16, norm="BN",
-                 out_feature="out", freeze_at=0):
+                 out_feature="out", freeze_at=0, stage_outputs=False):
         super().__init__()
         self.stage_names = []
         channels = in_channels
@@ -87,6 +89,11 @@ class TinyCNN(Backbone):
         self._out_features = [out_feature]
         self._out_feature_channels = {out_feature: channels}
         self._out_feature_strides = {out_feature: stride}
+        if stage_outputs:
+            for index, name in enumerate(self.stage_names[:-1]):
+                self._out_features.append(name)
+                self._out_feature_channels[name] = width * 2 ** index
+                self._out_feature_strides[name] = 2 ** (index + 1)
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at=0):
@@ -102,15 +109,20 @@ class TinyCNN(Backbone):
         return self
 
     def forward(self, x):
+        outputs = {}
         for name in self.stage_names:
             x = getattr(self, name)(x)
-        return {self._out_features[0]: x}
+            if name in self._out_feature_strides:
+                outputs[name] = x
+        outputs[self._out_features[0]] = x
+        return outputs
 
 
 @BACKBONE_REGISTRY.register()
 def build_tiny_cnn_backbone(cfg, input_shape: ShapeSpec):
-    """``TinyCNN`` from ``cfg.MODEL.TINY_CNN`` and ``cfg.MODEL.BACKBONE.FREEZE_AT``."""
+    """``TinyCNN`` from ``cfg.MODEL.TINY_CNN`` and ``cfg.MODEL.BACKBONE.FREEZE_AT``; with
+    ``MODEL.MASK_ON`` it also returns its earlier stages for the mask head."""
     tiny = cfg.MODEL.TINY_CNN
     return TinyCNN(in_channels=input_shape.channels, width=tiny.WIDTH, num_layers=tiny.NUM_LAYERS,
                    stride=tiny.STRIDE, norm=tiny.NORM, out_feature=tiny.OUT_FEATURE,
-                   freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+                   freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, stage_outputs=cfg.MODEL.MASK_ON)

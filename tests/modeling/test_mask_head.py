@@ -78,10 +78,25 @@ def test_accelerated_mask_model_equals_the_plain_path():
         torch.testing.assert_close(fast_value, plain_value, atol=1e-4, rtol=1e-4)
 
 
-def test_a_backbone_without_res2_to_res5_is_refused_with_the_key():
-    cfg = small_config(*MASK_OPTS, "MODEL.BACKBONE.NAME", "build_tiny_cnn_backbone", "MODEL.DETR.IN_FEATURE", "out")
+def tiny_cnn_mask_config(stride):
+    return mask_config("MODEL.BACKBONE.NAME", "build_tiny_cnn_backbone", "MODEL.DETR.IN_FEATURE", "out",
+                       "MODEL.TINY_CNN.STRIDE", stride, "MODEL.TINY_CNN.NUM_LAYERS", 4, "MODEL.BACKBONE.FREEZE_AT", 0)
+
+
+def test_the_tiny_cnn_gives_its_earlier_stages_to_the_mask_head():
+    torch.manual_seed(0)
+    model = build_plain_model(tiny_cnn_mask_config(16)).eval()
+    assert model.mask_head.level_names == ["stage3", "stage2", "stage1"]
+    assert [a.in_channels for a in (model.mask_head.fpn.adapter1, model.mask_head.fpn.adapter2,
+                                    model.mask_head.fpn.adapter3)] == [128, 64, 32]
+    with torch.no_grad():
+        _, _, mask_logits = model.predict_with_masks(model.preprocess_image([{"image": torch.zeros(3, 64, 48, dtype=torch.uint8)}]))
+    assert mask_logits.shape == (1, 7, 32, 24)  # stride 2, the finest stage
+
+
+def test_a_backbone_with_too_few_levels_is_refused_with_the_key():
     with pytest.raises(ValueError, match="MODEL.RESNETS.OUT_FEATURES"):
-        build_plain_model(cfg)
+        build_plain_model(tiny_cnn_mask_config(4))
 
 
 def test_hidden_dim_the_head_cannot_use_is_refused():
