@@ -81,10 +81,11 @@ def _alias_pillow_linear():
 
 
 def _alias_numpy_scalar_types():
-    """Works around: numpy 1.24 removed ``np.bool``/``np.int``/``np.float``, still used by
-    v0.6 (``structures/masks.py`` on empty polygons, ``data/build.py`` class histogram,
-    the Visualizer, sem-seg and VOC evaluation). They were aliases of the builtins."""
-    for name, builtin in (("bool", bool), ("int", int), ("float", float)):
+    """Works around: numpy 1.24 removed ``np.bool``/``np.int``/``np.float``/``np.str``, still
+    used by v0.6 (``structures/masks.py`` on empty polygons, ``data/build.py`` class
+    histogram, the Visualizer, sem-seg and VOC evaluation, ``datasets/pascal_voc.py``
+    reading a VOC image set). They were aliases of the builtins."""
+    for name, builtin in (("bool", bool), ("int", int), ("float", float), ("str", str)):
         if name not in np.__dict__:
             setattr(np, name, builtin)
 

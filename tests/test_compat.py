@@ -3,6 +3,7 @@
 The "without detr_d2" halves run in a fresh interpreter and are skipped where the installed
 detectron2 (e.g. its main branch with the C++ extension) does not have the problem.
 """
+import io
 import subprocess
 import sys
 import textwrap
@@ -63,10 +64,12 @@ def test_numpy_scalar_aliases_make_empty_polygons_work():
         import numpy as np
         np.zeros(2).astype(np.bool)
         np.zeros(2, dtype=np.int)
+        np.zeros(2, dtype=np.str)
     """, "has no attribute")
     from detectron2.structures.masks import polygons_to_bitmask
 
     assert polygons_to_bitmask([], 3, 4).shape == (3, 4)
+    assert np.loadtxt(io.StringIO("000001\n000002\n"), dtype=np.str).tolist() == ["000001", "000002"]  # VOC
 
 
 def test_ddp_device_ids_are_none_on_cpu():

@@ -12,12 +12,14 @@ would type):
    ``datasets/shapes_custom``; cached: skipped when its manifest matches).
 2. ``tools/train_net.py`` with ``configs/shapes/detr_tiny_finetune_custom.yaml``: loads the
    bundled checkpoint ``checkpoints/shapes_detr_tiny.pth`` (its class head does not fit
-   the 2 classes and is skipped, the log says so), fine-tunes, and evaluates with
-   COCOEvaluator on the held-out validation split.
+   the 2 classes and is skipped, the log says so), fine-tunes, and evaluates every 1000
+   iterations and at the end on the held-out validation split: COCOEvaluator's AP and
+   DETR's criterion on it (validation losses).
 3. ``tools/demo.py``: draws the fine-tuned model's detections on validation images with
-   detectron2's Visualizer (PNG files).
-4. ``tools/plot_logs.py``: the training curves.
-5. A summary: where everything is, the bbox AP / AP50, and the time of each step.
+   detectron2's Visualizer (PNG files, drawn at 4x the 128-px images).
+4. ``tools/plot_logs.py``: the training curves with the AP and validation losses.
+5. A summary: the evaluations (AP / AP50, validation loss), where everything is, and the
+   time of each step.
 
 Extra ``KEY VALUE`` pairs go to train_net (e.g. ``SOLVER.MAX_ITER 500`` for a quick look).
 """
@@ -33,6 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/shapes/detr_tiny_finetune_custom.yaml"
 CUSTOM_DATA = "datasets/shapes_custom"
 CUSTOM_SPLITS = "train:2000,val:200"
+DRAW_SCALE = "4"  # the 128-px images drawn at 512 px: labels no longer cover the objects
 
 
 def build_parser():
@@ -63,17 +66,20 @@ def run_step(title, command, timings):
         sys.exit(f"[demo] step '{title}' failed (exit code {result.returncode}); see its messages above.")
 
 
-def final_box_ap(run_dir):
-    """(AP, AP50) in percent of the last evaluation in ``run_dir/metrics.json``."""
-    last = None
+def evaluations(run_dir):
+    """The evaluation rows (with "bbox/AP") of ``run_dir/metrics.json``, in order."""
     with open(os.path.join(run_dir, "metrics.json")) as file:
-        for line in file:
-            row = json.loads(line) if line.strip() else {}
-            if "bbox/AP" in row:
-                last = row
-    if last is None:
+        rows = [json.loads(line) for line in file if line.strip()]
+    evaluated = [row for row in rows if "bbox/AP" in row]
+    if not evaluated:
         sys.exit(f"[demo] no evaluation found in {run_dir}/metrics.json")
-    return last["bbox/AP"], last["bbox/AP50"]
+    return evaluated
+
+
+def evaluation_line(row):
+    """One evaluation: iteration, AP, AP50 and (TEST.EVAL_LOSSES) the validation loss."""
+    loss = f"  val/loss {row['val/loss']:.3f}  val/class_error {row['val/class_error']:.1f}" if "val/loss" in row else ""
+    return f"[demo]   iteration {row['iteration']:>5}: AP {row['bbox/AP']:5.1f}  AP50 {row['bbox/AP50']:5.1f}{loss}"
 
 
 def dataset_overrides(data_dir):
@@ -85,14 +91,19 @@ def dataset_overrides(data_dir):
     return ["DATASETS.REGISTER_COCO", repr(register)]
 
 
-def summary(args, run_dir, pictures_dir, curves, ap, timings):
-    """The closing lines: AP, where the results are, time per step."""
+def summary(args, run_dir, pictures_dir, curves, evaluated, timings):
+    """The closing lines: the evaluations (the last one's AP first), where the results are,
+    time per step."""
+    last = evaluated[-1]
     lines = ["", "=" * 72, "[demo] DETR fine-tuned on the custom shapes (star, cross), "
              "bundled checkpoint as the start",
-             f"[demo] bbox AP {ap[0]:.1f}  AP50 {ap[1]:.1f}  (COCOEvaluator, {args.data_dir} val split)",
+             f"[demo] bbox AP {last['bbox/AP']:.1f}  AP50 {last['bbox/AP50']:.1f}  "
+             f"(COCOEvaluator, {args.data_dir} val split)",
+             "[demo] evaluations during fine-tuning (validation split):",
+             *map(evaluation_line, evaluated),
              f"[demo] run (config.yaml, model_final.pth, metrics.json, log.txt): {run_dir}",
              f"[demo] predictions drawn with detectron2's Visualizer: {pictures_dir}/*.png",
-             f"[demo] training curves: {curves}"]
+             f"[demo] training and validation curves: {curves}"]
     lines += [f"[demo]   {title}: {seconds / 60:.1f} min" for title, seconds in timings.items()]
     lines.append(f"[demo] total: {sum(timings.values()) / 60:.1f} min")
     print("\n".join(lines + ["=" * 72]), flush=True)
@@ -112,10 +123,10 @@ def main(argv=None):
              timings)
     val_images = sorted(glob.glob(os.path.join(REPO, args.data_dir, "images", "val", "*.png")))[:args.images]
     run_step("draw predictions", [python, "tools/demo.py", "--config-file", os.path.join(run_dir, "config.yaml"),
-                                  "--input", *val_images, "--output", pictures_dir,
+                                  "--input", *val_images, "--output", pictures_dir, "--draw-scale", DRAW_SCALE,
                                   "--opts", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")], timings)
     run_step("plot the training curves", [python, "tools/plot_logs.py", run_dir, "--output", curves], timings)
-    summary(args, run_dir, pictures_dir, curves, final_box_ap(os.path.join(REPO, run_dir)), timings)
+    summary(args, run_dir, pictures_dir, curves, evaluations(os.path.join(REPO, run_dir)), timings)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from detr_d2.data import register_datasets_from_config
 from detr_d2.engine import AtomicDetectionCheckpointer, Trainer, build_config, check_training_setup, share_cpu_cores
 from detr_d2.engine.config_checks import check_device, check_output_dir, check_weights_to_load
 from detr_d2.engine.one_line_errors import ONE_LINE_ERRORS, user_error_message
+from detr_d2.evaluation import check_evaluator_types
 
 
 def build_parser():
@@ -47,12 +48,13 @@ def build_parser():
 
 
 def check_run(cfg, args):
-    """The cheap checks of the run (device, AMP, weights file, OUTPUT_DIR); ``build_config``
-    has checked the config's values and dataset names."""
+    """The cheap checks of the run (device, AMP, weights file, OUTPUT_DIR, an evaluator for
+    each test set); ``build_config`` has checked the config's values and dataset names."""
     if args.eval_only:
         check_device(cfg)
     else:
         check_training_setup(cfg)
+    check_evaluator_types(cfg.DATASETS.TEST)
     check_weights_to_load(cfg, args.resume)
     check_output_dir(cfg)
 

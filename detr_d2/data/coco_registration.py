@@ -76,12 +76,13 @@ def read_coco_categories(json_file):
 
 
 def dataset_num_classes(name):
-    """Number of object classes of the registered dataset ``name`` (from its metadata or its
-    json; the dataset is loaded only when neither names its classes)."""
+    """Number of object classes of the registered dataset ``name`` (from its metadata or, for
+    a COCO json, its categories; the dataset is loaded only when neither names its classes,
+    e.g. an LVIS json, whose classes come from detectron2's LVIS metadata)."""
     metadata = MetadataCatalog.get(name)
     if hasattr(metadata, "thing_classes"):
         return len(metadata.thing_classes)
-    if hasattr(metadata, "json_file"):
+    if hasattr(metadata, "json_file") and metadata.get("evaluator_type", "coco") == "coco":
         return len(read_coco_categories(metadata.json_file))
     DatasetCatalog.get(name)
     if hasattr(metadata, "thing_classes"):

@@ -143,9 +143,9 @@ class Trainer(DefaultTrainer):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         check_training_setup(cfg)
-        for name in cfg.DATASETS.TEST:  # fail now rather than at the first evaluation
+        check_evaluator_types(cfg.DATASETS.TEST)  # fail now rather than at the first evaluation
+        for name in cfg.DATASETS.TEST:
             load_dataset_dicts(name)
-        check_evaluator_types(cfg.DATASETS.TEST)
         data_loader = self.build_train_loader(cfg)
         model = self.build_model(cfg)
         install_output_check(model)

@@ -1,10 +1,9 @@
 """The evaluator of a test set, chosen by the ``evaluator_type`` of its metadata.
 
 As in detectron2's own projects, a dataset says how it is evaluated: its
-``MetadataCatalog`` entry has ``evaluator_type``, which detectron2's registration
-functions set (``register_coco_instances`` and DATASETS.REGISTER_COCO: "coco",
-``register_lvis_instances``: "lvis", ``register_pascal_voc``: "pascal_voc"; the builtin
-coco_*, lvis_* and voc_* names have theirs). ``detection_evaluator`` maps it:
+``MetadataCatalog`` entry has ``evaluator_type``: ``register_coco_instances`` and DATASETS.REGISTER_COCO set "coco",
+``register_lvis_instances`` "lvis"; after ``register_pascal_voc`` set it to "pascal_voc"
+yourself, as detectron2's builtin voc_* names have it. ``detection_evaluator`` maps it:
 
 =============  ==================================================================
 "coco"         ``COCOEvaluator`` (bbox; segm too with MODEL.MASK_ON), COCOeval of
@@ -40,9 +39,9 @@ def evaluator_type(dataset_name, config_key="DATASETS.TEST"):
         raise SetupError(
             f"Dataset {dataset_name!r} in {config_key} {described} in its metadata; detr_d2 evaluates "
             f"the types {', '.join(map(repr, EVALUATOR_TYPES))}. Register the dataset with detectron2's "
-            "register_coco_instances / register_lvis_instances / register_pascal_voc (or DATASETS."
-            f"REGISTER_COCO), or set MetadataCatalog.get({dataset_name!r}).evaluator_type to one of "
-            f"them, or remove it from {config_key}.")
+            "register_coco_instances or register_lvis_instances (or DATASETS.REGISTER_COCO), or set "
+            f"MetadataCatalog.get({dataset_name!r}).evaluator_type to one of them (e.g. 'pascal_voc' "
+            f"after register_pascal_voc), or remove it from {config_key}.")
     return kind
 
 
