@@ -1,20 +1,23 @@
 """The graph's outputs for one image -> detections in the original image's pixels, as
 ``detr_d2.modeling.postprocess`` computes them (every query, no threshold)."""
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-__all__ = ["Detections", "detections_from_outputs", "scores_and_labels"]
+__all__ = ["Detections", "binary_masks", "detections_from_outputs", "scores_and_labels"]
 
 
 @dataclass
 class Detections:
     """One image's detections: ``boxes`` float32 [N, 4] (x0, y0, x1, y1) in pixels of the
-    original image, ``scores`` float32 [N], ``labels`` int64 [N] (contiguous class index)."""
+    original image, ``scores`` float32 [N], ``labels`` int64 [N] (contiguous class index),
+    ``masks`` bool [N, height, width] of the original image (MODEL.MASK_ON exports) or None."""
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    masks: Optional[np.ndarray] = None
 
     def __len__(self):
         return len(self.scores)
@@ -22,7 +25,8 @@ class Detections:
     def confident(self, threshold):
         """The detections scoring at least ``threshold``, in query order."""
         keep = self.scores >= threshold
-        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep])
+        masks = None if self.masks is None else self.masks[keep]
+        return Detections(self.boxes[keep], self.scores[keep], self.labels[keep], masks)
 
 
 def scores_and_labels(logits):
@@ -42,8 +46,40 @@ def absolute_xyxy(boxes, height, width):
     return np.clip(xyxy, 0, np.array([width, height, width, height], dtype=boxes.dtype))
 
 
+def nearest_sources(length_out, length_in):
+    """Source index of each of ``length_out`` positions in a nearest-neighbour resize from
+    ``length_in`` (torch's "nearest": floor(dst * in / out), at most in - 1)."""
+    scale = np.float32(length_in) / np.float32(length_out)
+    return np.minimum(np.floor(np.arange(length_out, dtype=np.float32) * scale).astype(np.int64), length_in - 1)
+
+
+def bilinear_sources(positions, length_in, length_out):
+    """(first index, second index, weight of the second) of each output position in
+    ``positions`` of a bilinear resize from ``length_in`` to ``length_out`` (torch's
+    align_corners=False: source (dst + 0.5) * in / out - 0.5, at least 0)."""
+    scale = np.float32(length_in) / np.float32(length_out)
+    source = np.maximum((positions.astype(np.float32) + 0.5) * scale - 0.5, 0).astype(np.float32)
+    first = np.floor(source).astype(np.int64)
+    return first, np.minimum(first + 1, length_in - 1), source - first
+
+
+def binary_masks(mask_logits, padded_size, image_size, output_size, threshold):
+    """The reference's ``PostProcessSegm`` for one image: mask logits [Q, h2, w2] upsampled
+    bilinearly to ``padded_size`` (H, W), sigmoid > ``threshold``, cropped to ``image_size``
+    (h, w), resized to ``output_size`` by nearest neighbour -> bool [Q, height, width].
+    Only the upsampled pixels that the crop and the resize keep are computed."""
+    rows = nearest_sources(output_size[0], image_size[0])
+    columns = nearest_sources(output_size[1], image_size[1])
+    top, bottom, down = bilinear_sources(rows, mask_logits.shape[1], padded_size[0])
+    left, right, across = bilinear_sources(columns, mask_logits.shape[2], padded_size[1])
+    by_row = mask_logits[:, top, :] * (1 - down)[:, None] + mask_logits[:, bottom, :] * down[:, None]
+    values = by_row[:, :, left] * (1 - across) + by_row[:, :, right] * across
+    return 1 / (1 + np.exp(-values)) > threshold
+
+
 def detections_from_outputs(logits, boxes, original_size):
     """One image's graph outputs (logits [Q, K+1], boxes [Q, 4] normalised cxcywh) ->
-    ``Detections`` of all Q queries in pixels of ``original_size`` (height, width)."""
+    ``Detections`` of all Q queries in pixels of ``original_size`` (height, width), without
+    masks (see ``binary_masks``)."""
     scores, labels = scores_and_labels(logits)
     return Detections(absolute_xyxy(boxes, *original_size), scores, labels)

@@ -15,6 +15,7 @@ __all__ = ["can_draw", "coco_records", "draw_detections", "write_json", "write_p
 
 BOX_THICKNESS = 2
 FONT_SCALE = 0.5
+MASK_OPACITY = 0.5
 
 
 def coco_records(detections, file_name, spec):
@@ -49,9 +50,18 @@ def _class_colour(label):
     return tuple(int(c) for c in rng.integers(64, 256, size=3))
 
 
+def _blend_masks(drawing, masks, labels):
+    """Tint each mask's pixels halfway to its class colour, in place."""
+    for mask, label in zip(masks, labels.tolist()):
+        drawing[mask] = (drawing[mask] * (1 - MASK_OPACITY) + np.array(_class_colour(label)) * MASK_OPACITY)
+
+
 def draw_detections(image_bgr, detections, spec):
-    """A copy of the HWC uint8 BGR image with each box and "name score%" drawn."""
+    """A copy of the HWC uint8 BGR image with each mask (if any) tinted and each box and
+    "name score%" drawn."""
     drawing = np.ascontiguousarray(image_bgr).copy()
+    if detections.masks is not None:
+        _blend_masks(drawing, detections.masks, detections.labels)
     for (x0, y0, x1, y1), score, label in zip(detections.boxes.round().astype(int).tolist(),
                                               detections.scores.tolist(), detections.labels.tolist()):
         colour = _class_colour(label)

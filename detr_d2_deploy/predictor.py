@@ -3,12 +3,12 @@ import os
 
 import onnxruntime
 
-from detr_d2_deploy.detections import detections_from_outputs
+from detr_d2_deploy.detections import binary_masks, detections_from_outputs
 from detr_d2_deploy.errors import DeployError
 from detr_d2_deploy.images import normalised, padded_batch, resized
-from detr_d2_deploy.spec import BOXES, IMAGE_SIZES, IMAGES, LOGITS, read_spec
+from detr_d2_deploy.spec import IMAGE_SIZES, IMAGES, read_spec
 
-__all__ = ["OnnxDetrPredictor", "onnx_session"]
+__all__ = ["OnnxDetrPredictor", "batch_detections", "onnx_session"]
 
 
 def onnx_session(path, num_threads=None):
@@ -25,6 +25,20 @@ def onnx_session(path, num_threads=None):
         return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own exception types, by failure
         raise DeployError(f"onnxruntime cannot load {path}: {error}") from error
+
+
+def batch_detections(outputs, padded_size, image_sizes, original_sizes, spec):
+    """One ``Detections`` per image of a batch from the graph's ``outputs`` (see
+    ``OnnxDetrPredictor.run``): ``padded_size`` (H, W) of the batch, ``image_sizes`` [B, 2]
+    its unpadded sizes, ``original_sizes`` the (height, width) to report in."""
+    results = []
+    for index, original_size in enumerate(original_sizes):
+        detections = detections_from_outputs(outputs[0][index], outputs[1][index], original_size)
+        if spec.has_masks:
+            detections.masks = binary_masks(outputs[2][index], padded_size, image_sizes[index], original_size,
+                                            spec.mask_threshold)
+        results.append(detections)
+    return results
 
 
 class OnnxDetrPredictor:
@@ -50,11 +64,13 @@ class OnnxDetrPredictor:
         return padded_batch(chw)
 
     def run(self, batch, image_sizes):
-        """(logits [B, Q, K+1], boxes [B, Q, 4] normalised cxcywh) of a prepared batch."""
-        logits, boxes = self.session.run([LOGITS, BOXES], {IMAGES: batch, IMAGE_SIZES: image_sizes})
-        return logits, boxes
+        """The graph's outputs for a prepared batch: [logits [B, Q, K+1], boxes [B, Q, 4]
+        normalised cxcywh] and, for a MODEL.MASK_ON export, mask logits [B, Q, h2, w2]."""
+        return self.session.run(self.spec.output_names, {IMAGES: batch, IMAGE_SIZES: image_sizes})
 
     def __call__(self, images):
-        """One ``Detections`` per HWC uint8 image, every query, boxes in its own pixels."""
-        logits, boxes = self.run(*self.prepare(images))
-        return [detections_from_outputs(lg, bx, image.shape[:2]) for lg, bx, image in zip(logits, boxes, images)]
+        """One ``Detections`` per HWC uint8 image, every query, boxes (and masks) in its own
+        pixels."""
+        batch, image_sizes = self.prepare(images)
+        return batch_detections(self.run(batch, image_sizes), batch.shape[2:], image_sizes,
+                                [image.shape[:2] for image in images], self.spec)

@@ -10,13 +10,13 @@ from typing import Optional, Tuple
 
 from detr_d2_deploy.errors import DeployError
 
-__all__ = ["BOXES", "EXPORT_FILE", "FORMAT_VERSION", "IMAGES", "IMAGE_SIZES", "LOGITS", "MODEL_FILES",
+__all__ = ["BOXES", "EXPORT_FILE", "FORMAT_VERSION", "IMAGES", "IMAGE_SIZES", "LOGITS", "MASKS", "MODEL_FILES",
            "ExportSpec", "read_spec"]
 
 EXPORT_FILE = "export.json"
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
 IMAGES, IMAGE_SIZES = "images", "image_sizes"  # graph inputs
-LOGITS, BOXES = "logits", "boxes"  # graph outputs
+LOGITS, BOXES, MASKS = "logits", "boxes", "mask_logits"  # graph outputs (MASKS with MODEL.MASK_ON)
 FORMAT_VERSION = 1
 
 PADDING = ("each image at the top-left of the batch tensor, the rest (bottom/right) zero after "
@@ -25,6 +25,9 @@ SCORES = ("softmax over the K+1 logits of a query; its score and label are the l
           "among the K object classes and that class (the last column, no object, is dropped)")
 BOX_CONVERSION = ("boxes (cx, cy, w, h) normalised by the unpadded network-input size -> (x0, y0, x1, y1) "
                   "times the original image's width/height, clipped to it")
+MASK_CONVERSION = ("mask logits [Q, h2, w2] upsampled bilinearly (half-pixel centres) to the padded batch's "
+                   "(H, W), sigmoid > mask_threshold, cropped to the image's unpadded size, resized to the "
+                   "original size by nearest neighbour (source index floor(dst * in / out))")
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ class ExportSpec:
     graph's image channels; ``shortest_edge`` / ``max_size``: detectron2's test-time
     ResizeShortestEdge (0: no resize); ``class_names`` / ``category_ids``: per contiguous
     class index, the dataset's name and id (None when the config's datasets had none);
-    ``score_threshold``: tools/demo.py's default ``--confidence-threshold``.
+    ``score_threshold``: tools/demo.py's default ``--confidence-threshold``;
+    ``mask_threshold``: MODEL.MASK_THRESHOLD of a MODEL.MASK_ON export (its graph also
+    returns mask logits), None for a box-only export.
     """
 
     format: str
@@ -49,10 +54,19 @@ class ExportSpec:
     class_names: Optional[Tuple[str, ...]]
     category_ids: Optional[Tuple[int, ...]]
     score_threshold: float
+    mask_threshold: Optional[float] = None
 
     @property
     def model_file(self):
         return MODEL_FILES[self.format]
+
+    @property
+    def has_masks(self):
+        return self.mask_threshold is not None
+
+    @property
+    def output_names(self):
+        return [LOGITS, BOXES, MASKS] if self.has_masks else [LOGITS, BOXES]
 
     def _inputs(self):
         return [
@@ -65,6 +79,14 @@ class ExportSpec:
         ]
 
     def _outputs(self):
+        return self._box_outputs() + (self._mask_outputs() if self.has_masks else [])
+
+    def _mask_outputs(self):
+        return [{"name": MASKS, "dtype": "float32", "shape": ["batch", self.num_queries, "mask_height", "mask_width"],
+                 "description": "mask logits per query at the backbone's res2 size of the padded batch "
+                                "(about height/4 x width/4), no sigmoid"}]
+
+    def _box_outputs(self):
         return [
             {"name": LOGITS, "dtype": "float32", "shape": ["batch", self.num_queries, self.num_classes + 1],
              "description": "class logits per query, the last column is 'no object'"},
@@ -93,7 +115,9 @@ class ExportSpec:
                            "interpolation": "bilinear (Pillow Image.resize on uint8)"},
                 "padding": PADDING,
             },
-            "postprocessing": {"scores": SCORES, "boxes": BOX_CONVERSION},
+            "postprocessing": {"scores": SCORES, "boxes": BOX_CONVERSION,
+                               **({"masks": MASK_CONVERSION, "mask_threshold": self.mask_threshold}
+                                  if self.has_masks else {})},
             "classes": {"num_classes": self.num_classes,
                         "names": list(self.class_names) if self.class_names else None,
                         "category_ids": list(self.category_ids) if self.category_ids else None},
@@ -113,7 +137,8 @@ class ExportSpec:
                    num_queries=int(logits_shape[1]), num_classes=int(classes["num_classes"]),
                    class_names=tuple(classes["names"]) if classes["names"] else None,
                    category_ids=tuple(map(int, classes["category_ids"])) if classes["category_ids"] else None,
-                   score_threshold=float(data["score_threshold"]))
+                   score_threshold=float(data["score_threshold"]),
+                   mask_threshold=data["postprocessing"].get("mask_threshold"))
 
 
 def read_spec(model_dir):

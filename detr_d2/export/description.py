@@ -30,7 +30,8 @@ def export_spec(cfg, metadata, format):
                       num_queries=cfg.MODEL.DETR.NUM_OBJECT_QUERIES, num_classes=num_classes,
                       class_names=tuple(names) if names else None,
                       category_ids=_category_ids(metadata, num_classes),
-                      score_threshold=DEMO_SCORE_THRESHOLD)
+                      score_threshold=DEMO_SCORE_THRESHOLD,
+                      mask_threshold=float(cfg.MODEL.MASK_THRESHOLD) if cfg.MODEL.MASK_ON else None)
 
 
 def export_source(cfg, config_file, format, example_sizes):

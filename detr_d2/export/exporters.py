@@ -4,7 +4,8 @@ ONNX: torch's dynamo exporter (``torch.onnx.export(dynamo=True)``, opset 18, wei
 the one file), with the batch, height and width dynamic. TorchScript: ``torch.jit.trace``
 (shapes are traced as operations, so other sizes and batch sizes run the same graph).
 Both take ``(images float32 [B, 3, H, W], image_sizes int64 [B, 2])`` and return
-``(logits [B, Q, K+1], boxes [B, Q, 4])``, see ``ExportableDetr``.
+``(logits [B, Q, K+1], boxes [B, Q, 4])`` (and mask logits with MODEL.MASK_ON), see
+``ExportableDetr``.
 """
 import logging
 import warnings
@@ -16,7 +17,7 @@ from detr_d2.errors import SetupError
 from detr_d2_deploy.errors import DeployError
 from detr_d2_deploy.files import written_atomically
 from detr_d2_deploy.predictor import onnx_session
-from detr_d2_deploy.spec import BOXES, IMAGE_SIZES, IMAGES, LOGITS
+from detr_d2_deploy.spec import BOXES, IMAGE_SIZES, IMAGES, LOGITS, MASKS
 
 __all__ = ["EXPORTERS", "ONNX_OPSET", "export_onnx", "export_torchscript", "load_exported"]
 
@@ -35,10 +36,11 @@ def export_onnx(adapter, images, image_sizes, path):
     optimizer_log = logging.getLogger("onnxscript")
     level = optimizer_log.level
     optimizer_log.setLevel(logging.ERROR)  # its notes on ops it does not constant-fold
+    output_names = [LOGITS, BOXES, MASKS] if adapter.has_masks else [LOGITS, BOXES]
     with written_atomically(path) as temporary, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on axis names
         torch.onnx.export(adapter, (images, image_sizes), temporary, input_names=[IMAGES, IMAGE_SIZES],
-                          output_names=[LOGITS, BOXES], dynamic_shapes=_dynamic_shapes(), dynamo=True,
+                          output_names=output_names, dynamic_shapes=_dynamic_shapes(), dynamo=True,
                           opset_version=ONNX_OPSET, external_data=False, verbose=False)
     optimizer_log.setLevel(level)
 
@@ -63,8 +65,8 @@ class _TorchScriptRunner:
 
     def __call__(self, images, image_sizes):
         with torch.no_grad():
-            logits, boxes = self.module(torch.from_numpy(images), torch.from_numpy(image_sizes))
-        return logits.numpy(), boxes.numpy()
+            outputs = self.module(torch.from_numpy(images), torch.from_numpy(image_sizes))
+        return [output.numpy() for output in outputs]
 
 
 class _OnnxRunner:
@@ -75,12 +77,12 @@ class _OnnxRunner:
             raise SetupError(str(error)) from error
 
     def __call__(self, images, image_sizes):
-        logits, boxes = self.session.run([LOGITS, BOXES], {IMAGES: images, IMAGE_SIZES: image_sizes})
-        return logits, boxes
+        return self.session.run(None, {IMAGES: images, IMAGE_SIZES: image_sizes})
 
 
 def load_exported(format, path):
     """The exported model at ``path`` (onnxruntime for "onnx", torch.jit.load for
     "torchscript") as a function (images float32 [B, 3, H, W], image_sizes int64 [B, 2],
-    numpy) -> (logits [B, Q, K+1], boxes [B, Q, 4]) numpy."""
+    numpy) -> [logits [B, Q, K+1], boxes [B, Q, 4]] (+ mask logits [B, Q, h2, w2] with a
+    mask head) numpy."""
     return _OnnxRunner(path) if format == "onnx" else _TorchScriptRunner(path)

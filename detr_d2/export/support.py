@@ -9,14 +9,11 @@ EXPORTABLE_CHANNEL_ORDERS = ("RGB", "BGR")
 
 def check_exportable(cfg):
     """Raise SetupError naming the key when ``cfg``'s model cannot be exported: another
-    meta-architecture than DETR's, MODEL.MASK_ON (the graph has no mask output yet), an
-    INPUT.FORMAT the predictor cannot prepare, or several test sizes."""
+    meta-architecture than DETR's, an INPUT.FORMAT the predictor cannot prepare, or
+    several test sizes."""
     if cfg.MODEL.META_ARCHITECTURE not in EXPORTABLE_ARCHITECTURES:
         raise SetupError(f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} cannot be exported: "
                          f"the exporter handles {' and '.join(EXPORTABLE_ARCHITECTURES)}")
-    if cfg.MODEL.MASK_ON:
-        raise SetupError("MODEL.MASK_ON True cannot be exported yet: the exported graph returns class logits "
-                         "and boxes only; run mask models with tools/demo.py")
     if cfg.INPUT.FORMAT not in EXPORTABLE_CHANNEL_ORDERS:
         raise SetupError(f"INPUT.FORMAT {cfg.INPUT.FORMAT!r} cannot be exported: the predictor prepares "
                          f"{' or '.join(EXPORTABLE_CHANNEL_ORDERS)} images")

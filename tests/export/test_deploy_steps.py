@@ -3,13 +3,15 @@ reading, test-time resize, normalisation, padding, post-processing."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.data import transforms as T
 from detectron2.structures import ImageList
 from PIL import Image
 
 from detr_d2.data.image_io import read_image as detr_d2_read_image
+from detr_d2.modeling.postprocess import binary_masks as binary_masks_torch
 from detr_d2.modeling.postprocess import detections_to_instances
-from detr_d2_deploy.detections import detections_from_outputs
+from detr_d2_deploy.detections import binary_masks, detections_from_outputs
 from detr_d2_deploy.errors import UnreadableImage
 from detr_d2_deploy.images import network_input_size, normalised, padded_batch, read_image, resized
 
@@ -80,3 +82,17 @@ def test_detections_equal_detr_postprocessing():
     assert np.array_equal(detections.labels, instances.pred_classes.numpy())
     kept = detections.confident(float(np.median(detections.scores)))
     assert len(kept) == (detections.scores >= np.median(detections.scores)).sum() >= 5
+
+
+@pytest.mark.parametrize("output_size", [(61, 83), (130, 171), (40, 33)])  # as is, upscaled, downscaled
+def test_binary_masks_equal_detr_mask_postprocessing_away_from_the_threshold(output_size):
+    torch.manual_seed(4)
+    mask_logits = torch.randn(5, 24, 30) * 3
+    padded_size, image_size, threshold = (96, 120), (61, 83), 0.5
+    expected = binary_masks_torch(mask_logits, padded_size, image_size, output_size, threshold).numpy()
+    masks = binary_masks(mask_logits.numpy(), padded_size, image_size, output_size, threshold)
+    upsampled = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)[0]
+    cropped = upsampled.sigmoid()[:, :image_size[0], :image_size[1]]
+    probabilities = F.interpolate(cropped[None], size=output_size, mode="nearest")[0].numpy()
+    assert masks.shape == expected.shape == (5, *output_size) and 0.2 < expected.mean() < 0.8
+    assert not ((masks != expected) & (np.abs(probabilities - threshold) > 1e-3)).any()

@@ -22,6 +22,7 @@ from tests.helpers import (
     REPO,
     TINY_CONFIG,
     TOOLS,
+    assert_one_line_error,
     assert_succeeded,
     run_concurrently,
     save_weights,
@@ -210,3 +211,16 @@ def test_torch_free_predictor_writes_what_the_demo_writes(exports, tmp_path):
         original = np.asarray(Image.open(exports["inputs"] / f"image{index}.png"))
         assert drawing.shape == original.shape
         assert np.array_equal(drawing, original) == (f"image{index}.png" not in str(kept))
+
+
+def test_unsupported_configs_are_refused_in_one_line(exports, datasets_root, tmp_path):
+    runs = run_concurrently([
+        [*export(tmp_path / "a", "onnx", exports["weights"]), "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"],
+        [*export(tmp_path / "b", "onnx", exports["weights"]), "INPUT.FORMAT", "YUV-BT.601"],
+        export(tmp_path / "c", "onnx", tmp_path / "missing.pth"),
+    ], datasets_root)
+    assert "Detr and GroupDetr" in assert_one_line_error(runs[0], "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
+                                                         exit_code=2)
+    assert_one_line_error(runs[1], "INPUT.FORMAT", "YUV-BT.601", exit_code=2)
+    assert_one_line_error(runs[2], "MODEL.WEIGHTS", "missing.pth", exit_code=2)
+    assert not any((tmp_path / name / "export.json").exists() for name in "abc")
