@@ -30,6 +30,8 @@ $(STAMP): setup.py scripts/install_detectron2.py Makefile
 	@$(PY) scripts/install_detectron2.py --cache-dir .cache
 	@echo "[install] installing detr_d2 (editable) with its dependencies, export and test tools"
 	@$(PIP) install -q $(PIP_NET) --no-build-isolation -e '.[test,export]'
+	@# LVISEvaluator's lvis API; without its declared opencv-python, which would shadow opencv-python-headless
+	@$(PIP) install -q $(PIP_NET) --no-deps lvis==0.5.3
 	@$(PY) -c "import detr_d2, detectron2; print('[install] detr_d2 ready; detectron2', detectron2.__version__, 'from', detectron2.__path__[0])"
 	@touch $(STAMP)
 

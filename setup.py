@@ -18,6 +18,7 @@ setup(
         "scipy",                   # Hungarian matching (linear_sum_assignment)
         "opencv-python-headless",  # video input of tools/demo.py, image drawing
         "pycocotools",             # COCO json and COCOeval
+        "faster-coco-eval>=1.8",   # C++ COCOeval (TEST.COCO_EVAL_IMPL "fast") without detectron2's compiled ops
         "fvcore",                  # FLOP counting, checkpoint helpers
         "iopath",                  # file access as detectron2 does it
         "matplotlib",              # tools/plot_logs.py, Visualizer back end
