@@ -5,7 +5,7 @@ Each loss family (``labels``, ``boxes``, ``cardinality``, ``masks``) is one meth
 signature, listed in ``SetCriterion.loss_families``; a new family is one more method there
 and its weights in ``weight_dict``.
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +56,19 @@ def _padded(target, size):
 
 class LayerPredictions(NamedTuple):
     """One decoder layer's predictions: logits [B, Q, K+1], boxes [B, Q, 4] normalised
-    cxcywh, mask_logits [B, Q, h, w] (None without a mask head and for earlier layers)."""
+    cxcywh, mask_logits [B, Q, h, w] or a function of matched positions (image index [N],
+    query index [N]) giving their logits [N, h, w] (None without a mask head and for
+    earlier layers)."""
 
     logits: torch.Tensor
     boxes: torch.Tensor
-    mask_logits: Optional[torch.Tensor] = None
+    mask_logits: Optional[Union[torch.Tensor, Callable]] = None
+
+    def matched_mask_logits(self, positions):
+        """[N, h, w]: the mask logits of the matched (image index, query index) positions."""
+        if callable(self.mask_logits):
+            return self.mask_logits(positions)
+        return self.mask_logits[positions]
 
 
 def padded_target_masks(targets):
@@ -98,7 +106,8 @@ class SetCriterion(nn.Module):
     """Losses of DETR for the final decoder layer and (with deep supervision) every earlier one.
 
     forward(logits [L, B, Q, K+1], boxes [L, B, Q, 4] cxcywh normalised, targets,
-    mask_logits [B, Q, h, w] of the last layer or None) -> dict of UNWEIGHTED values:
+    mask_logits of the last layer ([B, Q, h, w], or a function: see ``LayerPredictions``) or
+    None) -> dict of UNWEIGHTED values:
     loss_ce, loss_bbox, loss_giou, class_error, cardinality_error (and with masks
     loss_mask, loss_dice) for the last layer and loss_ce, loss_bbox, loss_giou,
     cardinality_error with suffix ``_i`` for earlier layer i.
@@ -197,7 +206,7 @@ class SetCriterion(nn.Module):
         image_index, _ = _matched_positions(indices)
         target_index = torch.cat([tgt for _, tgt in indices])
         matched_targets = target_masks[image_index, target_index].flatten(1)
-        matched_logits = predictions.mask_logits[_matched_positions(indices)]
+        matched_logits = predictions.matched_mask_logits(_matched_positions(indices))
         upsampled = F.interpolate(matched_logits[:, None], size=target_masks.shape[-2:], mode="bilinear",
                                   align_corners=False)[:, 0].flatten(1)
         return {"loss_mask": sigmoid_focal_loss(upsampled, matched_targets, num_boxes),

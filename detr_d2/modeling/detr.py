@@ -183,17 +183,24 @@ class Detr(nn.Module):
         hidden = self.transformer(self.input_proj(features), mask, query_embed, pos, query_attn_mask)
         return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid()
 
-    def predict_with_masks(self, images):
-        """As ``predict``, plus the mask head's logits [B, Q, h2, w2] (res2 size of the padded
-        batch) for the last decoder layer: (logits, boxes, mask_logits)."""
+    def predict_with_mask_inputs(self, images):
+        """As ``predict``, plus what the mask head reads: (logits, boxes, mask_inputs), the
+        last being the arguments of ``mask_head`` (last decoder layer [B, Q, C], encoder
+        memory and projected features [B, C, h, w], their padding mask, backbone levels)."""
         levels, mask = self.backbone.all_features_and_mask(images.tensor, images.image_sizes)
         features = levels[self.backbone.in_feature]
         pos = self.position_embedding(mask).to(features.dtype)
         query_embed, query_attn_mask = self.queries()
         projected = self.input_proj(features)
         hidden, memory = self.transformer.encode_decode(projected, mask, query_embed, pos, query_attn_mask)
-        mask_logits = self.mask_head(hidden[-1], memory, projected, mask, levels)
-        return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid(), mask_logits
+        mask_inputs = (hidden[-1], memory, projected, mask, levels)
+        return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid(), mask_inputs
+
+    def predict_with_masks(self, images):
+        """As ``predict``, plus the mask head's logits [B, Q, h2, w2] (res2 size of the padded
+        batch) for the last decoder layer: (logits, boxes, mask_logits)."""
+        logits, boxes, mask_inputs = self.predict_with_mask_inputs(images)
+        return logits, boxes, self.mask_head(*mask_inputs)
 
     def prepare_targets(self, batched_inputs, image_sizes):
         """Per image {"labels": [n] int64, "boxes": [n, 4] cxcywh normalised by the unpadded size},
@@ -242,11 +249,23 @@ class Detr(nn.Module):
                                     mask_logits, self.mask_threshold)
         return results, losses
 
+    def training_predictions(self, images):
+        """(logits, boxes, mask_logits) for the losses; with a mask head, mask_logits is a
+        function of the matched (image, query) positions giving their logits [N, h2, w2]:
+        only the matched queries' masks are computed, the only ones the mask losses read
+        (the same losses and gradients as from every query's masks, for a fraction of the
+        time)."""
+        if self.mask_head is None:
+            return self.predictions(images)
+        logits, boxes, mask_inputs = self.predict_with_mask_inputs(images)
+        return logits, boxes, lambda positions: self.mask_head(*mask_inputs, positions=positions)
+
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        logits, boxes, mask_logits = self.predictions(images)
         if self.training:
+            logits, boxes, mask_logits = self.training_predictions(images)
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
             return self.weighted_losses(self.losses(logits, boxes, targets, mask_logits))
+        logits, boxes, mask_logits = self.predictions(images)
         return results_for_batch(logits[-1], boxes[-1], batched_inputs, images.image_sizes,
                                  mask_logits, self.mask_threshold)

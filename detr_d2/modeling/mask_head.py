@@ -37,17 +37,13 @@ def mask_head_size_problems(hidden_dim, nheads):
     return problems
 
 
-def _repeat_per_query(tensor, num_queries):
-    """[B, C, H, W] -> [B*Q, C, H, W], image-major (row b*Q + q is image b)."""
-    return tensor.repeat_interleave(num_queries, dim=0)
-
-
 class AttentionMap(nn.Module):
     """Multi-head attention weights of each query over the positions of a feature map.
 
-    forward(queries [B, Q, D], memory [B, D, H, W], padding_mask [B, H, W] bool (True on
-    padding)) -> [B, Q, heads, H, W]: a softmax per query jointly over heads x H x W (so
-    one head's map does not sum to 1), zero on padding. No position embedding.
+    forward(queries [N, D], memory [B, D, H, W], padding_mask [B, H, W] bool (True on
+    padding), image_index [N] (the image of each query)) -> [N, heads, H, W]: a softmax per
+    query jointly over heads x H x W (so one head's map does not sum to 1), zero on
+    padding. No position embedding.
     """
 
     def __init__(self, dim, num_heads):
@@ -60,15 +56,15 @@ class AttentionMap(nn.Module):
             nn.init.zeros_(linear.bias)
             nn.init.xavier_uniform_(linear.weight)
 
-    def forward(self, queries, memory, padding_mask):
-        batch, num_queries, dim = queries.shape
+    def forward(self, queries, memory, padding_mask, image_index):
+        num_queries, dim = queries.shape
         head_dim = dim // self.num_heads
-        q = self.q_linear(queries).view(batch, num_queries, self.num_heads, head_dim)
+        q = self.q_linear(queries).view(num_queries, self.num_heads, head_dim)
         k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
-        k = k.view(batch, self.num_heads, head_dim, *memory.shape[-2:])
-        weights = torch.einsum("bqnc,bnchw->bqnhw", q * self.scale, k)
-        weights = weights.masked_fill(padding_mask[:, None, None], float("-inf"))
-        return weights.flatten(2).softmax(-1).view(weights.shape)
+        k = k.view(len(memory), self.num_heads, head_dim, *memory.shape[-2:])[image_index]
+        weights = torch.einsum("nhc,nhcyx->nhyx", q * self.scale, k)
+        weights = weights.masked_fill(padding_mask[image_index][:, None], float("-inf"))
+        return weights.flatten(1).softmax(-1).view(weights.shape)
 
 
 def _conv_norm(in_channels, out_channels):
@@ -82,8 +78,9 @@ class FpnMaskConv(nn.Module):
     map, conv-GN-ReLU; a final 3x3 conv to one channel.
 
     Channels: in_channels = hidden + heads, then hidden/2, /4, /8, /16, 1.
-    forward(x [B*Q, hidden + heads, h5, w5], levels: [res4, res3, res2] each [B, C_l, h_l, w_l])
-    -> mask logits [B*Q, 1, h2, w2] (res2 size).
+    forward(x [N, hidden + heads, h5, w5] one row per query, levels: [res4, res3, res2] each
+    [B, C_l, h_l, w_l], image_index [N] (the image of each row)) -> mask logits
+    [N, 1, h2, w2] (res2 size).
     """
 
     def __init__(self, in_channels, hidden_dim, level_channels):
@@ -103,26 +100,28 @@ class FpnMaskConv(nn.Module):
                 nn.init.kaiming_uniform_(module.weight, a=1)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x, levels):
+    def forward(self, x, levels, image_index):
         x = F.relu(self.gn1(self.lay1(x)))
         x = F.relu(self.gn2(self.lay2(x)))
         steps = ((self.adapter1, self.lay3, self.gn3), (self.adapter2, self.lay4, self.gn4),
                  (self.adapter3, self.lay5, self.gn5))
         for level, (adapter, conv, norm) in zip(levels, steps):
-            lateral = _repeat_per_query(adapter(level), x.shape[0] // level.shape[0])
+            lateral = adapter(level)[image_index]
             x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
             x = F.relu(norm(conv(x)))
         return self.out_lay(x)
 
 
 class MaskHead(nn.Module):
-    """Mask logits of every query from the detector's intermediate results.
+    """Mask logits of the queries from the detector's intermediate results.
 
     forward(hidden [B, Q, D] last decoder layer, memory [B, D, h5, w5] encoder output,
     projected [B, D, h5, w5] = input_proj(res5), padding_mask [B, h5, w5] bool,
-    levels {name: [B, C, h, w]} holding ``level_names``, e.g. res4, res3, res2) -> mask
-    logits [B, Q, h2, w2] at the size of the finest level (res2) of the padded batch (no
-    sigmoid).
+    levels {name: [B, C, h, w]} holding ``level_names``, e.g. res4, res3, res2,
+    positions=None) -> mask logits at the size of the finest level (res2) of the padded
+    batch (no sigmoid): [B, Q, h2, w2] for every query, or with ``positions`` = (image
+    index [N], query index [N]) [N, h2, w2] for those queries only (each query's mask
+    depends on no other query, so they are the same values).
     """
 
     def __init__(self, hidden_dim, num_heads, level_names, level_channels):
@@ -134,9 +133,14 @@ class MaskHead(nn.Module):
         self.attention_map = AttentionMap(hidden_dim, num_heads)
         self.fpn = FpnMaskConv(hidden_dim + num_heads, hidden_dim, level_channels)
 
-    def forward(self, hidden, memory, projected, padding_mask, levels):
+    def forward(self, hidden, memory, projected, padding_mask, levels, positions=None):
         batch, num_queries = hidden.shape[:2]
-        maps = self.attention_map(hidden, memory, padding_mask)
-        x = torch.cat([_repeat_per_query(projected, num_queries), maps.flatten(0, 1)], dim=1)
-        logits = self.fpn(x, [levels[name] for name in self.level_names])
-        return logits.view(batch, num_queries, *logits.shape[-2:])
+        if positions is None:
+            queries = torch.arange(num_queries, device=hidden.device)
+            image_index, query_index = torch.arange(batch, device=hidden.device).repeat_interleave(num_queries), queries.repeat(batch)
+        else:
+            image_index, query_index = positions
+        maps = self.attention_map(hidden[image_index, query_index], memory, padding_mask, image_index)
+        x = torch.cat([projected[image_index], maps], dim=1)
+        logits = self.fpn(x, [levels[name] for name in self.level_names], image_index)[:, 0]
+        return logits if positions is not None else logits.view(batch, num_queries, *logits.shape[-2:])

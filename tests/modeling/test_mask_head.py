@@ -102,3 +102,27 @@ def test_a_backbone_with_too_few_levels_is_refused_with_the_key():
 def test_hidden_dim_the_head_cannot_use_is_refused():
     with pytest.raises(ValueError, match="MODEL.DETR.HIDDEN_DIM"):
         build_plain_model(small_config("MODEL.MASK_ON", "True"))
+
+
+def test_training_computes_only_the_matched_masks_with_the_same_losses_and_gradients(model):
+    """Training runs the mask head on the matched queries only (training_predictions); the
+    losses and every gradient equal those from all queries' masks (predict_with_masks)."""
+    model.train()
+    batch = batch_with_masks()
+    results = []
+    for matched_only in (True, False):
+        images = model.preprocess_image(batch)
+        targets = model.prepare_targets(batch, images.image_sizes)
+        predictions = model.training_predictions(images) if matched_only else model.predict_with_masks(images)
+        assert callable(predictions[2]) == matched_only
+        losses = model.criterion(*predictions[:2], targets, predictions[2])
+        model.zero_grad()
+        sum(model.weighted_losses(losses).values()).backward()
+        results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (matched_losses, matched_grads), (all_losses, all_grads) = results
+    for key, value in all_losses.items():
+        torch.testing.assert_close(matched_losses[key], value, atol=1e-6, rtol=1e-6, msg=key)
+    assert set(matched_grads) == set(all_grads)
+    for name, grad in all_grads.items():  # float sums in another order: equal to 1e-5 of the scale
+        scale = grad.abs().max().item()  # (a conv bias before a GroupNorm gets ~1e-9: no scale)
+        assert (matched_grads[name] - grad).abs().max().item() <= 1e-5 * scale + 1e-7, name
