@@ -9,6 +9,7 @@ import sys
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
+import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
@@ -47,6 +48,7 @@ def segm_fixture_config(tmp_path):
     return path, cfg
 
 
+@pytest.mark.slow
 def test_demo_draws_and_records_the_predicted_masks(tmp_path):
     config, cfg = segm_fixture_config(tmp_path)
     images = torch.load(fixture_dir("detr_upstream_segm_tiny") / "inputs.pt", weights_only=True)["images_hwc_uint8_rgb"]
@@ -91,6 +93,7 @@ def visualize_dataloader(tmp_path, name, mask_on):
     return {p.name: read_rgb(p) for p in sorted((tmp_path / name).glob("*.png"))}
 
 
+@pytest.mark.slow
 def test_visualize_data_fills_the_ground_truth_masks_after_augmentation(tmp_path):
     with_masks = visualize_dataloader(tmp_path, "masks", mask_on=True)
     boxes_only = visualize_dataloader(tmp_path, "boxes", mask_on=False)
