@@ -13,16 +13,22 @@ from detectron2.utils.events import EventWriter, get_event_storage
 __all__ = ["MetricPrinter"]
 
 
+def _is_evaluation_result(name):
+    """Evaluation results ("bbox/AP", "val/loss", ...) have a "/"; they get their own tables."""
+    return "/" in name
+
+
 def _is_loss(name):
-    return "loss" in name
+    return "loss" in name and not _is_evaluation_result(name)
 
 
 def _is_error_metric(name):
-    return name.endswith("_error")
+    return name.endswith("_error") and not _is_evaluation_result(name)
 
 
 class MetricPrinter(EventWriter):
-    """Log one line: ETA, iteration, every loss, every ``*_error`` metric, time, data_time, lr.
+    """Log one line: ETA, iteration, every training loss, every ``*_error`` metric, time,
+    data_time, lr (evaluation results such as val/loss are logged by their evaluators).
 
     Losses and error metrics are medians over the last ``window_size`` iterations (as
     detectron2's printer does); ``time`` is the average iteration time so far (seconds),

@@ -111,6 +111,8 @@ def test_periodic_evaluation_writes_val_metrics_at_the_evaluated_iterations(eval
     for row in validated:
         assert {f"val/{name}" for name in REFERENCE_NAMES} <= set(row)
         assert row["val/loss"] == pytest.approx(sum(row[f"val/{name}"] for name in REFERENCE_NAMES[1:7]))
+    progress = [line for line in (tmp_path / "log.txt").read_text().splitlines() if " iter: 3 " in line]
+    assert progress and "val/" not in progress[-1]  # the console line keeps to training values
 
 
 @pytest.mark.slow
