@@ -7,9 +7,11 @@ Both take ``(images float32 [B, 3, H, W], image_sizes int64 [B, 2])`` and return
 ``(logits [B, Q, K+1], boxes [B, Q, 4])`` (and mask logits with MODEL.MASK_ON), see
 ``ExportableDetr``.
 """
+import contextlib
 import logging
 import warnings
 
+import onnx
 import torch
 from torch.export import Dim
 
@@ -19,30 +21,64 @@ from detr_d2_deploy.files import written_atomically
 from detr_d2_deploy.predictor import onnx_session
 from detr_d2_deploy.spec import BOXES, IMAGE_SIZES, IMAGES, LOGITS, MASKS
 
-__all__ = ["EXPORTERS", "ONNX_OPSET", "export_onnx", "export_torchscript", "load_exported"]
+__all__ = ["EXPORTERS", "ONNX_OPSET", "ExportError", "export_onnx", "export_torchscript", "load_exported"]
 
 ONNX_OPSET = 18
+# torch.export takes a size-1 dimension as the constant 1: images above 32 px keep the
+# stride-32 feature map at 2 cells or more while tracing.
+MIN_TRACED_SIDE = 33
+
+
+class ExportError(SetupError):
+    """The model cannot be exported as asked; the message says what and why."""
 
 
 def _dynamic_shapes():
-    batch, height, width = Dim("batch", min=1), Dim("height", min=2), Dim("width", min=2)
+    """Batch, height and width dynamic; sides of at least MIN_TRACED_SIDE (the exported
+    graph itself does not check sizes)."""
+    batch = Dim("batch", min=1)
+    height, width = Dim("height", min=MIN_TRACED_SIDE), Dim("width", min=MIN_TRACED_SIDE)
     return {IMAGES: {0: batch, 2: height, 3: width}, IMAGE_SIZES: {0: batch}}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Without the exporter's warnings (axis names) and onnxscript's notes on the ops it
+    does not constant-fold."""
+    optimizer_log = logging.getLogger("onnxscript")
+    level = optimizer_log.level
+    optimizer_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        optimizer_log.setLevel(level)
+
+
+def _check_dynamic_axes(path):
+    """ExportError unless the batch, height and width of the ONNX file's images are symbolic
+    (the exporter falls back to fixed sizes when the model turns them into Python ints)."""
+    images = next(i for i in onnx.load(path).graph.input if i.name == IMAGES)
+    fixed = [f"{name} = {dim.dim_value}" for name, dim in zip(("batch", None, "height", "width"),
+                                                                images.type.tensor_type.shape.dim)
+             if name and not dim.dim_param]
+    if fixed:
+        raise ExportError(f"the ONNX export fixed {', '.join(fixed)} of its images input: the model turns a "
+                          "tensor size into a Python int (e.g. len(tensor), int(size)); use tensor.shape[i]")
 
 
 def export_onnx(adapter, images, image_sizes, path):
     """Write ``adapter`` to the ONNX file ``path`` (atomically), traced on the example batch
     ``images`` / ``image_sizes`` (torch tensors; at least 2 images, so that the batch stays
     dynamic)."""
-    optimizer_log = logging.getLogger("onnxscript")
-    level = optimizer_log.level
-    optimizer_log.setLevel(logging.ERROR)  # its notes on ops it does not constant-fold
     output_names = [LOGITS, BOXES, MASKS] if adapter.has_masks else [LOGITS, BOXES]
-    with written_atomically(path) as temporary, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on axis names
-        torch.onnx.export(adapter, (images, image_sizes), temporary, input_names=[IMAGES, IMAGE_SIZES],
-                          output_names=output_names, dynamic_shapes=_dynamic_shapes(), dynamo=True,
-                          opset_version=ONNX_OPSET, external_data=False, verbose=False)
-    optimizer_log.setLevel(level)
+    with written_atomically(path) as temporary:
+        with _quiet_exporter():
+            torch.onnx.export(adapter, (images, image_sizes), temporary, input_names=[IMAGES, IMAGE_SIZES],
+                              output_names=output_names, dynamic_shapes=_dynamic_shapes(), dynamo=True,
+                              opset_version=ONNX_OPSET, external_data=False, verbose=False)
+        _check_dynamic_axes(temporary)
 
 
 def export_torchscript(adapter, images, image_sizes, path):

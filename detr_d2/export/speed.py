@@ -22,11 +22,13 @@ __all__ = ["Timings", "time_in_turns"]
 
 @dataclass
 class Timings:
-    """Seconds per call of each side, in the order run, and the 1-minute load averages
-    read before and after."""
+    """Wall seconds per call of each side in the order run, this process's CPU seconds
+    per call (all threads), and the 1-minute load averages read before and after."""
 
     onnx: list = field(default_factory=list)
     eager: list = field(default_factory=list)
+    onnx_cpu: list = field(default_factory=list)
+    eager_cpu: list = field(default_factory=list)
     load_before: float = 0.0
     load_after: float = 0.0
 
@@ -36,6 +38,8 @@ class Timings:
                 f"over {len(self.onnx)} runs",
                 f"eager PyTorch: median {eager:.3f} s (min {min(self.eager):.3f}, max {max(self.eager):.3f}) "
                 f"over {len(self.eager)} runs",
+                f"CPU seconds per call (all threads), median: onnxruntime {statistics.median(self.onnx_cpu):.3f}, "
+                f"eager {statistics.median(self.eager_cpu):.3f}",
                 f"onnxruntime / eager: {onnx / eager:.2f} (per-round ratios "
                 f"{', '.join(f'{o / e:.2f}' for o, e in zip(self.onnx, self.eager))})",
                 f"load average (1 min) before {self.load_before:.2f}, after {self.load_after:.2f} "
@@ -43,9 +47,10 @@ class Timings:
 
 
 def _seconds(function):
-    start = time.perf_counter()
+    """(wall seconds, process CPU seconds) of one call of ``function``."""
+    wall, cpu = time.perf_counter(), time.process_time()
     function()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def time_in_turns(model, session, spec, image, rounds, warmup=1):
@@ -67,7 +72,10 @@ def time_in_turns(model, session, spec, image, rounds, warmup=1):
         run_onnx(), run_eager()
     timings = Timings(load_before=os.getloadavg()[0])
     for _ in range(rounds):
-        timings.onnx.append(_seconds(run_onnx))
-        timings.eager.append(_seconds(run_eager))
+        for wall_times, cpu_times, function in ((timings.onnx, timings.onnx_cpu, run_onnx),
+                                                (timings.eager, timings.eager_cpu, run_eager)):
+            wall, cpu = _seconds(function)
+            wall_times.append(wall)
+            cpu_times.append(cpu)
     timings.load_after = os.getloadavg()[0]
     return timings

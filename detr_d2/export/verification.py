@@ -26,6 +26,7 @@ __all__ = ["BOX_TOLERANCE", "SCORE_TOLERANCE", "Difference", "compare", "example
 BOX_TOLERANCE = 1e-4  # of the image's width (x) or height (y)
 SCORE_TOLERANCE = 1e-4
 MASK_PROBABILITY_MARGIN = 1e-3  # mask pixels this close to the threshold may differ
+MIN_SIDE = 64  # verified (and traced) images are larger than 32 px (exporters.MIN_TRACED_SIDE)
 
 
 @dataclass
@@ -57,9 +58,9 @@ def _off_grid(length):
 
 
 def verification_sizes(shortest_edge):
-    """Three (height, width) network-input sizes near ``shortest_edge`` (800 if 0), none a
-    multiple of 32: landscape, portrait, and a smaller landscape one."""
-    side = shortest_edge or 800
+    """Three (height, width) network-input sizes near ``shortest_edge`` (800 if 0, at least
+    MIN_SIDE), none a multiple of 32: landscape, portrait, and a smaller landscape one."""
+    side = max(shortest_edge or 800, MIN_SIDE)
     sizes = [(side - 5, side * 4 // 3 + 3), (side * 4 // 3 + 9, side - 11), (side * 3 // 4 + 1, side - 3)]
     return [(_off_grid(height), _off_grid(width)) for height, width in sizes]
 

@@ -61,7 +61,7 @@ class AttentionMap(nn.Module):
         head_dim = dim // self.num_heads
         q = self.q_linear(queries).view(num_queries, self.num_heads, head_dim)
         k = F.conv2d(memory, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
-        k = k.view(len(memory), self.num_heads, head_dim, *memory.shape[-2:])[image_index]
+        k = k.view(memory.shape[0], self.num_heads, head_dim, *memory.shape[-2:])[image_index]
         weights = torch.einsum("nhc,nhcyx->nhyx", q * self.scale, k)
         weights = weights.masked_fill(padding_mask[image_index][:, None], float("-inf"))
         return weights.flatten(1).softmax(-1).view(weights.shape)

@@ -14,9 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
+from detr_d2.engine.build import build_model
 from detr_d2.export import ExportableDetr
 from detr_d2.export.exporters import load_exported
-from detr_d2.export.verification import example_batch, verification_images
+from detr_d2.export.speed import time_in_turns
+from detr_d2.export.verification import compare, example_batch, report_lines, verification_images
+from detr_d2_deploy.predictor import onnx_session
 from detr_d2_deploy.spec import read_spec
 from tests.helpers import (
     REPO,
@@ -26,6 +29,7 @@ from tests.helpers import (
     assert_succeeded,
     run_concurrently,
     save_weights,
+    tiny_cfg,
     tiny_model,
 )
 
@@ -224,3 +228,36 @@ def test_unsupported_configs_are_refused_in_one_line(exports, datasets_root, tmp
     assert_one_line_error(runs[1], "INPUT.FORMAT", "YUV-BT.601", exit_code=2)
     assert_one_line_error(runs[2], "MODEL.WEIGHTS", "missing.pth", exit_code=2)
     assert not any((tmp_path / name / "export.json").exists() for name in "abc")
+
+
+def test_speed_comparison_alternates_onnxruntime_and_eager(exports):
+    model = tiny_model()
+    model.load_state_dict(torch.load(exports["weights"], weights_only=True)["model"])
+    spec = read_spec(exports["onnx"])
+    session = onnx_session(str(exports["onnx"] / "model.onnx"), num_threads=1)
+    timings = time_in_turns(model.eval(), session, spec, verification_images([(121, 173)])[0], rounds=3)
+    assert len(timings.onnx) == len(timings.eager) == len(timings.onnx_cpu) == 3
+    assert all(seconds > 0 for seconds in timings.onnx + timings.eager)
+    lines = timings.summary_lines()
+    assert lines[0].startswith("onnxruntime: median") and "onnxruntime / eager" in lines[3]
+
+
+def test_predictor_setup_problems_are_one_line(exports, tmp_path):
+    missing = run_torch_free("predict_onnx.py", "--model-dir", tmp_path, "--input", exports["inputs"],
+                             "--output", tmp_path / "out")
+    torchscript = run_torch_free("predict_onnx.py", "--model-dir", exports["torchscript"], "--input",
+                                 exports["inputs"], "--output", tmp_path / "out")
+    for run, culprit in ((missing, "export.json does not exist"), (torchscript, "holds a torchscript export")):
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert [line for line in run.stderr.splitlines() if line.startswith("ERROR:") and culprit in line]
+
+
+def test_verification_reports_a_model_that_differs(exports):
+    """The ONNX file against a model with other weights: the comparison says so."""
+    torch.manual_seed(1)
+    other = build_model(tiny_cfg()).eval()
+    spec = read_spec(exports["onnx"])
+    run_exported = load_exported("onnx", str(exports["onnx"] / "model.onnx"))
+    difference = compare("other weights", other, run_exported, verification_images([(97, 125)]), spec)
+    assert not difference.within_tolerance and difference.label_mismatches > 0 and difference.score > 1e-3
+    assert report_lines([difference], "onnx")[-1].startswith("verification FAILED")
