@@ -10,7 +10,8 @@ from detr_d2_deploy.images import read_image
 from detr_d2_deploy.inputs import InputFailure, batched, is_video
 from detr_d2_deploy.outputs import can_draw, coco_records, draw_detections, write_png
 
-__all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "PredictionRun", "fraction", "positive_int", "run_tool"]
+__all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "PredictionRun", "fraction", "make_output_folder",
+           "positive_int", "run_tool"]
 
 EXIT_INPUT_FAILED = 1
 EXIT_SETUP_ERROR = 2

@@ -60,6 +60,28 @@ def _verify(model, spec, model_path, request, sizes):
     return differences
 
 
+def _write_model_file(model, cfg, spec, request, example_images):
+    """Export the plain computation of ``model`` (its fast paths off meanwhile), traced on
+    ``example_images``; the path of the written file."""
+    path = os.path.join(request.output_dir, spec.model_file)
+    logger.info(f"Exporting to {path} ({request.format}), traced on a batch of "
+                f"{', '.join(f'{h}x{w}' for h, w in (i.shape[:2] for i in example_images))}")
+    set_fast_paths(model, False)
+    try:
+        EXPORTERS[request.format](ExportableDetr(model).eval(), *example_batch(example_images, spec), path)
+    finally:
+        set_fast_paths(model, cfg.MODEL.DETR.FAST_PATHS)
+    return path
+
+
+def _verification(model, spec, model_path, request, sizes):
+    """Run and log the verification; export.json's "verification" entry."""
+    differences = _verify(model, spec, model_path, request, sizes)
+    for line in report_lines(differences, request.format):
+        logger.info(line)
+    return {"passed": all(d.within_tolerance for d in differences), "batches": [d.to_json() for d in differences]}
+
+
 def export_model(model, cfg, config_file, metadata, request):
     """Export ``model`` (built from ``cfg`` by ``detr_d2.engine.build_model``, weights
     loaded, eval mode, on the CPU) into ``request.output_dir``: the model file and
@@ -69,21 +91,11 @@ def export_model(model, cfg, config_file, metadata, request):
     sizes = verification_sizes(spec.shortest_edge)
     example_images = verification_images(_mixed_sizes(sizes, max(request.batch_size, MIN_EXAMPLE_BATCH)),
                                          request.sample_image)
-    model_path = os.path.join(request.output_dir, spec.model_file)
-    logger.info(f"Exporting to {model_path} ({request.format}), traced on a batch of "
-                f"{', '.join(f'{h}x{w}' for h, w in (i.shape[:2] for i in example_images))}")
-    set_fast_paths(model, False)
-    EXPORTERS[request.format](ExportableDetr(model).eval(), *example_batch(example_images, spec), model_path)
-    set_fast_paths(model, cfg.MODEL.DETR.FAST_PATHS)
+    model_path = _write_model_file(model, cfg, spec, request, example_images)
     extra = {"source": export_source(cfg, config_file, request.format, [i.shape[:2] for i in example_images])}
-    passed = True
     if request.verify:
-        differences = _verify(model, spec, model_path, request, sizes)
-        for line in report_lines(differences, request.format):
-            logger.info(line)
-        passed = all(d.within_tolerance for d in differences)
-        extra["verification"] = {"passed": passed, "batches": [d.to_json() for d in differences]}
+        extra["verification"] = _verification(model, spec, model_path, request, sizes)
     description = spec.to_json(**extra)
     atomic_write(os.path.join(request.output_dir, EXPORT_FILE),
                  lambda file: json.dump(description, file, indent=1), binary=False)
-    return description, passed
+    return description, extra.get("verification", {"passed": True})["passed"]

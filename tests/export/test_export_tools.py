@@ -78,13 +78,14 @@ def write_inputs(folder):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, datasets_root):
     """{"weights", "onnx": folder, "torchscript": folder, "inputs": folder, "demo": folder}:
-    both formats exported with --verify and tools/demo.py run (threshold 0, batch 2), at once."""
+    both formats exported with --verify (ONNX on random images with a batch of 3,
+    TorchScript on a sample image) and tools/demo.py run (threshold 0, batch 2), at once."""
     root = tmp_path_factory.mktemp("export")
     weights = save_weights(tiny_model(), root / "tiny.pth")
     inputs = write_inputs(root / "inputs")
     runs = run_concurrently([
         export(root / "onnx", "onnx", weights, "--verify", "--batch-size", "3"),
-        export(root / "torchscript", "torchscript", weights, "--verify"),
+        export(root / "torchscript", "torchscript", weights, "--verify", "--sample-image", inputs / "image1.png"),
         [TOOLS / "demo.py", "--config-file", TINY_CONFIG, "--input", inputs, "--output", root / "demo",
          "--confidence-threshold", "0", "--batch-size", "2", "--opts", "MODEL.WEIGHTS", weights],
     ], datasets_root)
@@ -222,12 +223,14 @@ def test_unsupported_configs_are_refused_in_one_line(exports, datasets_root, tmp
         [*export(tmp_path / "a", "onnx", exports["weights"]), "MODEL.META_ARCHITECTURE", "GeneralizedRCNN"],
         [*export(tmp_path / "b", "onnx", exports["weights"]), "INPUT.FORMAT", "YUV-BT.601"],
         export(tmp_path / "c", "onnx", tmp_path / "missing.pth"),
+        export(tmp_path / "d", "onnx", exports["weights"], "--sample-image", exports["inputs"] / "broken.jpg"),
     ], datasets_root)
     assert "Detr and GroupDetr" in assert_one_line_error(runs[0], "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
                                                          exit_code=2)
     assert_one_line_error(runs[1], "INPUT.FORMAT", "YUV-BT.601", exit_code=2)
     assert_one_line_error(runs[2], "MODEL.WEIGHTS", "missing.pth", exit_code=2)
-    assert not any((tmp_path / name / "export.json").exists() for name in "abc")
+    assert_one_line_error(runs[3], "--sample-image", "broken.jpg", "not a decodable image", exit_code=2)
+    assert not any((tmp_path / name / "export.json").exists() for name in "abcd")
 
 
 def test_speed_comparison_alternates_onnxruntime_and_eager(exports):
