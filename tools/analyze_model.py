@@ -18,23 +18,16 @@ the numbers as JSON, atomically.
 import argparse
 import logging
 import sys
-import warnings
 
 import detr_d2  # noqa: F401  (first: compat fixes, registers Detr)
-import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from tabulate import tabulate
-from torch import nn
 
 from detr_d2.acceleration import set_fast_paths
+from detr_d2.analysis.model_complexity import FLOP_CONVENTION, analysis_report, flop_analysis
 from detr_d2.engine import build_config
 from detr_d2.engine.build import build_model
 from detr_d2.utils.outputs import write_json
 from detr_d2.utils.tool_setup import input_size, run_tool, setup_tool_logging
-
-FLOP_CONVENTION = "fvcore: one multiply-add counts as one flop"
-OTHER = "(outside submodules)"
 
 logger = logging.getLogger("detectron2")
 
@@ -49,79 +42,6 @@ def build_parser():
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
                         help="config overrides")
     return parser
-
-
-def attention_flop_jit(inputs, outputs):
-    """Multiply-adds of ``aten::scaled_dot_product_attention(q, k, v, ...)``:
-    q [..., L, E] · kᵀ [..., E, S] plus attention [..., L, S] · v [..., S, Ev]."""
-    query, key, value = (get_shape(tensor) for tensor in inputs[:3])
-    batch = 1
-    for size in query[:-2]:
-        batch *= size
-    return batch * query[-2] * key[-2] * (query[-1] + value[-1])
-
-
-class ImageToDetections(nn.Module):
-    """``model`` as a function of one CHW uint8 image, for tracing: returns the tensors
-    of its Instances (boxes xyxy, scores, classes)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image):
-        instances = self.model([{"image": image}])[0]["instances"]
-        return instances.pred_boxes.tensor, instances.scores, instances.pred_classes
-
-
-def flop_analysis(model, height, width):
-    """fvcore's FlopCountAnalysis of ``model`` (eval mode) on one zero image of HxW."""
-    image = torch.zeros((3, height, width), dtype=torch.uint8)
-    analysis = FlopCountAnalysis(ImageToDetections(model), (image,))
-    analysis.set_op_handle("aten::scaled_dot_product_attention", attention_flop_jit)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        analysis.total()  # runs the trace once; later queries use the cached result
-    return analysis
-
-
-def parameter_counts(module):
-    """(all parameters, trainable parameters) of ``module``."""
-    parameters = list(module.parameters())
-    return sum(p.numel() for p in parameters), sum(p.numel() for p in parameters if p.requires_grad)
-
-
-def module_rows(model, analysis):
-    """Per top-level module (those with parameters or flops): {"name", "parameters",
-    "trainable_parameters", "flops"}; then the flops outside any of them."""
-    flops_by_module = analysis.by_module()
-    rows = []
-    for name, child in model.named_children():
-        total, trainable = parameter_counts(child)
-        flops = flops_by_module.get(f"model.{name}", 0)
-        if total or flops:
-            rows.append({"name": name, "parameters": total, "trainable_parameters": trainable, "flops": flops})
-    outside = analysis.total() - sum(row["flops"] for row in rows)
-    if outside:
-        rows.append({"name": OTHER, "parameters": 0, "trainable_parameters": 0, "flops": outside})
-    return rows
-
-
-def analysis_report(model, analysis, config_file, size):
-    """Everything the tool reports, as a JSON-able dict."""
-    total, trainable = parameter_counts(model)
-    return {
-        "config_file": config_file,
-        "input_size": list(size),
-        "parameters": total,
-        "trainable_parameters": trainable,
-        "flops": analysis.total(),
-        "flop_convention": FLOP_CONVENTION,
-        "modules": module_rows(model, analysis),
-        "uncounted_operators": dict(sorted(analysis.unsupported_ops().items())),
-    }
 
 
 def report_table(report):

@@ -9,8 +9,11 @@ def pixel_padding_mask(image_sizes, padded_shape, device):
 
     ``image_sizes`` are the unpadded (h, w) of each image: a list of pairs, or an int64
     tensor [B, 2]; ``padded_shape`` is (H, W). Built from index comparisons, so a traced or
-    exported model computes it from its inputs.
+    exported model computes it from its inputs. (Pairs of 0-dim tensors, as ImageList holds
+    them while a model is traced, are read as numbers.)
     """
+    if not torch.is_tensor(image_sizes):
+        image_sizes = [[int(height), int(width)] for height, width in image_sizes]
     sizes = torch.as_tensor(image_sizes, device=device).reshape(-1, 2)
     rows = torch.arange(padded_shape[0], device=device)[None, :, None]
     columns = torch.arange(padded_shape[1], device=device)[None, None, :]
