@@ -39,8 +39,9 @@ def evaluation_root(tmp_path_factory):
     return root
 
 
-def eval_only(root, output_dir, *opts):
-    return train_net("--eval-only", "MODEL.WEIGHTS", root / "weights.pth", "OUTPUT_DIR", output_dir, *AUX, *opts)
+def eval_only(root, output_dir, *opts, flags=()):
+    return train_net("--eval-only", *flags, "MODEL.WEIGHTS", root / "weights.pth", "OUTPUT_DIR", output_dir,
+                     *AUX, *opts)
 
 
 def validation_report(output_dir):
@@ -118,7 +119,7 @@ def test_periodic_evaluation_writes_val_metrics_at_the_evaluated_iterations(eval
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(evaluation_root, tmp_path):
     runs = run_concurrently([eval_only(evaluation_root, tmp_path / "one"),
-                             eval_only(evaluation_root, tmp_path / "two", "--num-gpus", 2, "--dist-url", "auto")],
+                             eval_only(evaluation_root, tmp_path / "two", flags=("--num-gpus", 2, "--dist-url", "auto"))],
                             evaluation_root)
     for run in runs:
         assert_succeeded(run)
