@@ -62,6 +62,19 @@ def _add_mask_keys(cfg):
     cfg.MODEL.MASK_THRESHOLD = 0.5
 
 
+def _add_panoptic_keys(cfg):
+    # With MODEL.MASK_ON: inference also gives "panoptic_seg" (detectron2's panoptic format,
+    # the reference's PostProcessPanoptic, detr_d2/modeling/panoptic.py). A query makes a
+    # segment when its best class (of the K+1 outputs) is not no-object and its probability
+    # is > PANOPTIC_THRESHOLD.
+    cfg.MODEL.DETR.PANOPTIC_ON = False
+    cfg.MODEL.DETR.PANOPTIC_THRESHOLD = 0.85
+    # The contiguous class ids (0..NUM_CLASSES-1) that are things; the others are stuff.
+    # None: taken from the training sets' metadata (thing_dataset_id_to_contiguous_id) when
+    # PANOPTIC_ON (written into the run's config.yaml).
+    cfg.MODEL.DETR.PANOPTIC_THING_IDS = None
+
+
 def _add_solver_keys(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
@@ -81,8 +94,16 @@ def _add_input_keys(cfg):
 
 def _add_dataset_keys(cfg):
     # (name, annotation json, image root) triples registered as COCO-json datasets.
+    # Mixed precision (detr_d2/engine/precision.py) of training (SOLVER.AMP.ENABLED, detectron2's
+    # key) and of inference (TEST.AMP.ENABLED): "" = auto (bfloat16 on the CPU, float16 with
+    # loss scaling on CUDA), "bfloat16" or "float16". The loss, the matcher and the
+    # optimizer state stay float32.
+    cfg.SOLVER.AMP.PRECISION = ""
     # Relative paths are relative to the current working directory.
     cfg.DATASETS.REGISTER_COCO = ()
+    # (name, panoptic json, panoptic PNG folder, image folder) quadruples registered as
+    # COCO-panoptic datasets (detr_d2/data/coco_panoptic.py); relative paths as above.
+    cfg.DATASETS.REGISTER_COCO_PANOPTIC = ()
 
 
 def _add_test_keys(cfg):
@@ -101,6 +122,10 @@ def add_detr_config(cfg):
     _add_solver_keys(cfg)
     _add_input_keys(cfg)
     _add_dataset_keys(cfg)
+    _add_panoptic_keys(cfg)
     _add_test_keys(cfg)
     add_tiny_cnn_config(cfg)
     return cfg
+    # Inference (evaluation, --eval-only, tools/demo.py, tools/benchmark.py) under autocast in
+    # the dtype of SOLVER.AMP.PRECISION; scores and boxes come out float32.
+    cfg.TEST.AMP = CN({"ENABLED": False})

@@ -32,7 +32,7 @@ from torch.multiprocessing import ProcessExitedException
 from detr_d2.compat import launch
 from detr_d2.data import register_datasets_from_config
 from detr_d2.engine import AtomicDetectionCheckpointer, Trainer, build_config, check_training_setup, share_cpu_cores
-from detr_d2.engine.config_checks import check_device, check_output_dir, check_weights_to_load
+from detr_d2.engine.config_checks import check_amp, check_device, check_output_dir, check_weights_to_load
 from detr_d2.engine.one_line_errors import ONE_LINE_ERRORS, user_error_message
 from detr_d2.evaluation import check_evaluator_types
 
@@ -52,6 +52,7 @@ def check_run(cfg, args):
     each test set); ``build_config`` has checked the config's values and dataset names."""
     if args.eval_only:
         check_device(cfg)
+        check_amp(cfg)
     else:
         check_training_setup(cfg)
     check_evaluator_types(cfg.DATASETS.TEST)

@@ -9,6 +9,7 @@ import tempfile
 
 import torch
 
+from detr_d2.engine.precision import AUTO, PRECISIONS, check_precision
 from detr_d2.errors import SetupError
 from detr_d2.modeling.mask_head import mask_head_size_problems
 
@@ -78,7 +79,7 @@ def _check_masks(model):
 
 
 def _check_solver(solver):
-    """A non-negative, finite BASE_LR; at least one image per batch."""
+    """A non-negative, finite BASE_LR; at least one image per batch; a known AMP precision."""
     _require(math.isfinite(solver.BASE_LR) and solver.BASE_LR >= 0, "SOLVER.BASE_LR", solver.BASE_LR,
              "a finite number >= 0", "fix the value")
     _require(solver.IMS_PER_BATCH >= 1, "SOLVER.IMS_PER_BATCH", solver.IMS_PER_BATCH,
@@ -86,7 +87,7 @@ def _check_solver(solver):
 
 
 def _check_test(test):
-    """TEST.COCO_EVAL_IMPL names a COCOeval; TEST.EVAL_LOSSES is a bool."""
+    """TEST.COCO_EVAL_IMPL names a COCOeval; TEST.EVAL_LOSSES and TEST.AMP.ENABLED are bools."""
     _require(test.COCO_EVAL_IMPL in ("fast", "official"), "TEST.COCO_EVAL_IMPL", test.COCO_EVAL_IMPL,
              "'fast' or 'official'", "'fast' (C++ COCOeval, the default) or 'official' (pycocotools)")
     _require(isinstance(test.EVAL_LOSSES, bool), "TEST.EVAL_LOSSES", test.EVAL_LOSSES, "True or False",
@@ -101,6 +102,9 @@ def check_model_config(cfg):
     _check_masks(cfg.MODEL)
     _check_solver(cfg.SOLVER)
     _check_test(cfg.TEST)
+    _require(solver.AMP.PRECISION in (AUTO, *PRECISIONS), "SOLVER.AMP.PRECISION", solver.AMP.PRECISION,
+             "'' (auto), 'bfloat16' or 'float16'",
+             "'' picks bfloat16 on the CPU and float16 on CUDA")
 
 
 def check_output_dir(cfg):
@@ -109,6 +113,8 @@ def check_output_dir(cfg):
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
+    _require(isinstance(test.AMP.ENABLED, bool), "TEST.AMP.ENABLED", test.AMP.ENABLED, "True or False",
+             "True runs inference under autocast (SOLVER.AMP.PRECISION)")
             pass
     except OSError as e:
         raise SetupError(f"OUTPUT_DIR {folder} cannot be written ({e.strerror or e}: "
@@ -128,15 +134,9 @@ def check_device(cfg):
 
 
 def check_amp(cfg):
-    """Mixed precision (SOLVER.AMP.ENABLED) is refused unless training runs on CUDA.
-
-    detectron2's AMPTrainer is built on ``torch.cuda.amp``; rather than silently training
-    in float32 while the saved config says AMP, the run stops and says how to proceed.
-    """
-    if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
-        raise SetupError(f"SOLVER.AMP.ENABLED is True but MODEL.DEVICE is {cfg.MODEL.DEVICE!r}: "
-                         "detectron2's mixed-precision training (AMPTrainer) needs CUDA. Add "
-                         "`SOLVER.AMP.ENABLED False` to train in float32 on this device.")
+    """Mixed precision (SOLVER.AMP.ENABLED, TEST.AMP.ENABLED) in a dtype that MODEL.DEVICE can
+    autocast to (``precision.check_precision``); warns once when the CPU only emulates it."""
+    check_precision(cfg)
 
 
 def check_weights_file(path):

@@ -12,6 +12,7 @@ from detr_d2.data import register_datasets_from_config, resolve_num_classes
 from detr_d2.engine.config_checks import check_model_config
 from detr_d2.engine.config_merge import merge_config
 from detr_d2.engine.datasets import check_dataset_names
+from detr_d2.engine.panoptic_classes import resolve_panoptic_thing_ids
 
 __all__ = ["build_config", "share_cpu_cores"]
 
@@ -45,7 +46,8 @@ def build_config(config_file, opts, *, all_datasets_registered=True):
     compared with it. Without (the tools that draw data, run or analyse a model): the names
     may be unregistered (the tools then go without class names) and an explicit
     NUM_CLASSES is kept as it is; an unset one is still taken from the data. Either way the
-    model reads MODEL.DETR.NUM_CLASSES from the returned config.
+    model reads MODEL.DETR.NUM_CLASSES from the returned config. With
+    MODEL.DETR.PANOPTIC_ON, MODEL.DETR.PANOPTIC_THING_IDS likewise (``panoptic_classes``).
 
     Raises:
         SetupError (DatasetError for the data).
@@ -57,6 +59,7 @@ def build_config(config_file, opts, *, all_datasets_registered=True):
         _resolve_dataset_names_and_classes(cfg)
     else:
         _fill_num_classes(cfg)
+    resolve_panoptic_thing_ids(cfg, compare_with_data=all_datasets_registered)
     cfg.freeze()
     return cfg
 

@@ -10,19 +10,22 @@ with ``NonFiniteValuesError`` naming the iteration and the loss terms:
   ``loss_ce`` non-finite, NaN/inf boxes ``loss_bbox`` and ``loss_giou`` (suffix
   ``_<layer>`` for the auxiliary decoder layers, as the logs name them);
 * the loss terms themselves are checked before detectron2 writes them
-  (``DetrSimpleTrainer`` / ``DetrAMPTrainer``);
+  (``DetrSimpleTrainer``, and ``amp_trainer.DetrAMPTrainer`` under mixed precision: the
+  loss terms are float32 there too, so an overflow of the 16-bit forward stops training
+  with the same message. A float16 step skipped by the grad scaler because its scaled
+  gradients overflowed is normal loss scaling, not an error: training goes on);
 * ``AtomicDetectionCheckpointer`` refuses to save NaN/inf weights (``non_finite_tensors``),
   so ``last_checkpoint`` stays the last good one.
 """
 import math
 
 import torch
-from detectron2.engine import AMPTrainer, SimpleTrainer
+from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
 from detr_d2.errors import NonFiniteValuesError
 
-__all__ = ["DetrAMPTrainer", "DetrSimpleTrainer", "check_finite_losses", "install_output_check",
+__all__ = ["DetrSimpleTrainer", "FiniteLossCheck", "check_finite_losses", "install_output_check",
            "non_finite_tensors"]
 
 
@@ -86,7 +89,7 @@ def install_output_check(model):
     return criterion.register_forward_pre_hook(_check_criterion_inputs)
 
 
-class _FiniteLossCheck:
+class FiniteLossCheck:
     """Mixin for detectron2's trainers: check the loss terms before they are written."""
 
     def _write_metrics(self, loss_dict, *args, **kwargs):
@@ -94,9 +97,5 @@ class _FiniteLossCheck:
         super()._write_metrics(loss_dict, *args, **kwargs)
 
 
-class DetrSimpleTrainer(_FiniteLossCheck, SimpleTrainer):
+class DetrSimpleTrainer(FiniteLossCheck, SimpleTrainer):
     """SimpleTrainer whose non-finite-loss error names the iteration and the terms."""
-
-
-class DetrAMPTrainer(_FiniteLossCheck, AMPTrainer):
-    """AMPTrainer whose non-finite-loss error names the iteration and the terms."""

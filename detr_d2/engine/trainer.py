@@ -20,7 +20,9 @@ Differences from DefaultTrainer:
   pascal_voc; ``detr_d2.evaluation.detection_evaluator``) into ``OUTPUT_DIR/inference``,
   and with TEST.EVAL_LOSSES DETR's criterion on it from the same forward pass
   (``test``: results "val" -> val/<name> scalars);
-- console: every loss, ``class_error`` and ``cardinality_error`` (``MetricPrinter``).
+- console: every loss, ``class_error`` and ``cardinality_error`` (``MetricPrinter``);
+- mixed precision on the CPU and CUDA: SOLVER.AMP.ENABLED trains with ``DetrAMPTrainer``
+  (``amp_trainer``), TEST.AMP.ENABLED evaluates under autocast (``precision``).
 """
 import itertools
 import logging
@@ -53,9 +55,11 @@ from detr_d2.engine.checkpointer import AtomicDetectionCheckpointer
 from detr_d2.engine.config_checks import check_amp, check_device, check_weights_to_load
 from detr_d2.engine.datasets import load_dataset_dicts
 from detr_d2.engine.frozen_detector import load_frozen_detector
-from detr_d2.engine.finite_checks import DetrAMPTrainer, DetrSimpleTrainer, install_output_check
+from detr_d2.engine.amp_trainer import DetrAMPTrainer
+from detr_d2.engine.finite_checks import DetrSimpleTrainer, install_output_check
 from detr_d2.engine.one_line_errors import install_one_line_errors
 from detr_d2.engine.optimizer import build_detr_optimizer
+from detr_d2.engine.precision import inference_autocast, training_dtype
 from detr_d2.engine.writers import MetricPrinter
 from detr_d2.errors import NonFiniteValuesError, SetupError
 from detr_d2.evaluation import (
@@ -152,8 +156,7 @@ class Trainer(DefaultTrainer):
         install_one_line_errors()
         optimizer = self.build_optimizer(cfg, model)
         model = wrap_ddp(model, cfg.MODEL.DEVICE)
-        trainer_cls = DetrAMPTrainer if cfg.SOLVER.AMP.ENABLED else DetrSimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
+        self._trainer = self.build_step_trainer(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(model, cfg.OUTPUT_DIR, trust_pickle=trust_pickle,
                                                         trainer=weakref.proxy(self))
@@ -161,6 +164,15 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def build_step_trainer(cfg, model, data_loader, optimizer):
+        """The loop's step: ``DetrSimpleTrainer`` (float32), or with SOLVER.AMP.ENABLED a
+        ``DetrAMPTrainer`` autocasting to SOLVER.AMP.PRECISION's dtype on MODEL.DEVICE."""
+        dtype = training_dtype(cfg)
+        if dtype is None:
+            return DetrSimpleTrainer(model, data_loader, optimizer)
+        return DetrAMPTrainer(model, data_loader, optimizer, cfg.MODEL.DEVICE, dtype)
 
     def resume_or_load(self, resume=True):
         """Resume from OUTPUT_DIR's last checkpoint, or load MODEL.WEIGHTS (checked to exist).
@@ -275,7 +287,13 @@ class Trainer(DefaultTrainer):
         forward pass per batch gives the detections and DETR's criterion. Each set's results
         then also hold "val": {"loss", "loss_ce", ..., "loss_ce_unscaled", "class_error", ...},
         stored by the EvalHook as ``val/<name>`` (``<dataset>/val/<name>`` with several sets).
+        With TEST.AMP.ENABLED the model runs under autocast (``precision.inference_autocast``).
         """
+        with inference_autocast(cfg):
+            return cls._test(cfg, model, evaluators)
+
+    @classmethod
+    def _test(cls, cfg, model, evaluators):
         if not cfg.TEST.EVAL_LOSSES or evaluators is not None:
             return super().test(cfg, model, evaluators)
         with_losses = WithValidationLosses(model)

@@ -14,6 +14,7 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from detr_d2.modeling.float32 import float32_island
 from detr_d2.modeling.matcher import HungarianMatcher
 
 
@@ -219,10 +220,12 @@ class SetCriterion(nn.Module):
             losses.update(family(predictions, targets, indices, num_boxes, is_last))
         return losses
 
+    @float32_island
     def forward(self, logits, boxes, targets, mask_logits=None):
         """The batch's values, boxes normalised by the batch's box count averaged over processes."""
         return self.set_losses(logits, boxes, targets, mask_logits, num_boxes_normalizer(targets, logits.device))
 
+    @float32_island
     def per_image(self, logits, boxes, targets, mask_logits=None):
         """The values of each image of the batch on its own: a list of ``forward``'s dicts.
 

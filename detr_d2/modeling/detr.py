@@ -9,6 +9,7 @@ from torch import nn
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
+from detr_d2.modeling.float32 import in_current_autocast
 from detr_d2.modeling.mask_head import NUM_LEVELS, MaskHead, mask_head_levels
 from detr_d2.modeling.mlp import MLP
 from detr_d2.modeling.position_encoding import build_position_embedding
@@ -258,7 +259,8 @@ class Detr(nn.Module):
         if self.mask_head is None:
             return self.predictions(images)
         logits, boxes, mask_inputs = self.predict_with_mask_inputs(images)
-        return logits, boxes, lambda positions: self.mask_head(*mask_inputs, positions=positions)
+        # called by the criterion (a float32 island): the mask head runs in the model's precision
+        return logits, boxes, in_current_autocast(lambda positions: self.mask_head(*mask_inputs, positions=positions))
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)

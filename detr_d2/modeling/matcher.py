@@ -5,6 +5,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from detr_d2.modeling.float32 import float32_island
+
 
 def _empty_match(device="cpu"):
     empty = torch.empty(0, dtype=torch.int64, device=device)
@@ -49,6 +51,7 @@ class HungarianMatcher(nn.Module):
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
 
     @torch.no_grad()
+    @float32_island
     def forward(self, logits, boxes, targets):
         """Match every layer: returns, per layer, per image, (query indices, target indices),
         int64 CPU tensors of equal length min(Q, n), target indices in query order."""

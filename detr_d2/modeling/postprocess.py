@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
 from detr_d2.modeling.box_ops import normalized_cxcywh_to_absolute_xyxy
+from detr_d2.modeling.float32 import float32_island
 
 
 def scores_and_labels(logits):
@@ -45,6 +46,7 @@ def binary_masks(mask_logits, padded_size, image_size, output_size, threshold=0.
     return F.interpolate(cropped[None].float(), size=tuple(output_size), mode="nearest")[0].to(torch.bool)
 
 
+@float32_island
 def results_for_batch(logits, boxes, batched_inputs, image_sizes, mask_logits=None, mask_threshold=0.5):
     """logits [B, Q, K+1], boxes [B, Q, 4] -> [{"instances": Instances}] per input; with
     mask_logits [B, Q, h, w] the instances also get ``pred_masks`` (``binary_masks``)."""

@@ -7,7 +7,8 @@ from detectron2.data import transforms as T
 from detr_d2.data import build_detr_augmentation
 from detr_d2.engine import AtomicDetectionCheckpointer
 from detr_d2.engine.build import build_model
-from detr_d2.engine.config_checks import check_device
+from detr_d2.engine.config_checks import check_amp, check_device
+from detr_d2.engine.precision import inference_autocast
 from detr_d2.errors import SetupError
 
 __all__ = ["BatchPredictor", "build_inference_model", "confident", "load_inference_weights"]
@@ -34,6 +35,7 @@ def load_inference_weights(model, weights, trust_pickle=False):
 def build_inference_model(cfg, trust_pickle=False):
     """The config's model on MODEL.DEVICE, MODEL.WEIGHTS loaded, in eval mode."""
     check_device(cfg)
+    check_amp(cfg)
     model = build_model(cfg)
     load_inference_weights(model, cfg.MODEL.WEIGHTS, trust_pickle)
     return model.eval()
@@ -49,10 +51,12 @@ class BatchPredictor:
     does on one: each image (HWC uint8, channels in INPUT.FORMAT) is resized with the
     test-time ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST) and passed with
     its original "height"/"width", so boxes come back in the original image's pixels.
+    With TEST.AMP.ENABLED the model runs under autocast (scores and boxes still float32).
     ``trust_pickle``: see ``load_inference_weights``."""
 
     def __init__(self, cfg, trust_pickle=False):
         self.model = build_inference_model(cfg, trust_pickle)
+        self.autocast = lambda: inference_autocast(cfg)
         self.image_format = cfg.INPUT.FORMAT
         self.resize = T.AugmentationList(build_detr_augmentation(cfg, is_train=False))
 
@@ -71,6 +75,7 @@ class BatchPredictor:
     def __call__(self, images):
         """One CPU ``Instances`` per image with every query: ``pred_boxes`` (xyxy, absolute
         pixels of the original image), ``scores``, ``pred_classes`` (contiguous ids)."""
-        with torch.no_grad():
-            outputs = self.model([self.model_input(image) for image in images])
+        inputs = [self.model_input(image) for image in images]
+        with torch.no_grad(), self.autocast():
+            outputs = self.model(inputs)
         return [output["instances"].to("cpu") for output in outputs]

@@ -17,7 +17,7 @@ from detr_d2.engine import (
     merge_config,
 )
 from detr_d2.engine import checkpointer as checkpointer_module
-from detr_d2.engine.config_checks import check_amp, check_weights_to_load
+from detr_d2.engine.config_checks import check_weights_to_load
 from tests.helpers import REPO, TINY_CONFIG, tiny_cfg
 
 
@@ -161,11 +161,6 @@ def test_frozen_weights_need_mask_on_and_an_existing_file(tmp_path):
     with pytest.raises(SetupError, match="MODEL.DETR.FROZEN_WEIGHTS is .*missing.pth.* existing detector checkpoint"):
         build_config(str(TINY_CONFIG), [*mask_on, "MODEL.DETR.FROZEN_WEIGHTS", str(tmp_path / "missing.pth")])
     assert build_config(str(TINY_CONFIG), ["MODEL.DETR.FROZEN_WEIGHTS", ""]).MODEL.DETR.FROZEN_WEIGHTS == ""
-
-
-def test_amp_on_cpu_is_refused_with_the_fix():
-    with pytest.raises(SetupError, match="SOLVER.AMP.ENABLED False"):
-        check_amp(tiny_cfg("SOLVER.AMP.ENABLED", True))
 
 
 # ---------------------------------------------------------------- checkpoints
