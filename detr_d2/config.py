@@ -81,6 +81,11 @@ def _add_solver_keys(cfg):
     # AdamW/SGD update in torch's fused kernel (one pass over all parameters); False: torch's
     # per-parameter loop. The same update up to float rounding.
     cfg.SOLVER.FUSED_OPTIMIZER = True
+    # Mixed precision (detr_d2/engine/precision.py) of training (SOLVER.AMP.ENABLED, detectron2's
+    # key) and of inference (TEST.AMP.ENABLED): "" = auto (bfloat16 on the CPU, float16 with
+    # loss scaling on CUDA), "bfloat16" or "float16". The loss, the matcher and the
+    # optimizer state stay float32.
+    cfg.SOLVER.AMP.PRECISION = ""
 
 
 def _add_input_keys(cfg):
@@ -94,11 +99,6 @@ def _add_input_keys(cfg):
 
 def _add_dataset_keys(cfg):
     # (name, annotation json, image root) triples registered as COCO-json datasets.
-    # Mixed precision (detr_d2/engine/precision.py) of training (SOLVER.AMP.ENABLED, detectron2's
-    # key) and of inference (TEST.AMP.ENABLED): "" = auto (bfloat16 on the CPU, float16 with
-    # loss scaling on CUDA), "bfloat16" or "float16". The loss, the matcher and the
-    # optimizer state stay float32.
-    cfg.SOLVER.AMP.PRECISION = ""
     # Relative paths are relative to the current working directory.
     cfg.DATASETS.REGISTER_COCO = ()
     # (name, panoptic json, panoptic PNG folder, image folder) quadruples registered as
@@ -113,19 +113,19 @@ def _add_test_keys(cfg):
     # COCOeval of "coco" test sets: "fast" (detectron2's compiled COCOeval_opt, or
     # faster-coco-eval where detectron2 has no compiled ops) or "official" (pycocotools).
     cfg.TEST.COCO_EVAL_IMPL = "fast"
+    # Inference (evaluation, --eval-only, tools/demo.py, tools/benchmark.py) under autocast in
+    # the dtype of SOLVER.AMP.PRECISION; scores and boxes come out float32.
+    cfg.TEST.AMP = CN({"ENABLED": False})
 
 
 def add_detr_config(cfg):
     """Add every detr_d2 key, with the reference DETR's values, to ``cfg`` in place."""
     _add_model_keys(cfg)
     _add_mask_keys(cfg)
+    _add_panoptic_keys(cfg)
     _add_solver_keys(cfg)
     _add_input_keys(cfg)
     _add_dataset_keys(cfg)
-    _add_panoptic_keys(cfg)
     _add_test_keys(cfg)
     add_tiny_cnn_config(cfg)
     return cfg
-    # Inference (evaluation, --eval-only, tools/demo.py, tools/benchmark.py) under autocast in
-    # the dtype of SOLVER.AMP.PRECISION; scores and boxes come out float32.
-    cfg.TEST.AMP = CN({"ENABLED": False})

@@ -78,12 +78,33 @@ def _check_masks(model):
              "an existing detector checkpoint file", "give the path of the trained box model (.pth)")
 
 
+def _check_panoptic(model):
+    """PANOPTIC_ON only with MASK_ON; PANOPTIC_THRESHOLD in [0, 1); PANOPTIC_THING_IDS
+    unset or distinct integers >= 0 (their upper bound, NUM_CLASSES, is checked once known)."""
+    detr = model.DETR
+    _require(isinstance(detr.PANOPTIC_ON, bool), "MODEL.DETR.PANOPTIC_ON", detr.PANOPTIC_ON, "True or False",
+             "True adds panoptic_seg to the inference output (with MODEL.MASK_ON)")
+    _require(not detr.PANOPTIC_ON or model.MASK_ON, "MODEL.DETR.PANOPTIC_ON", detr.PANOPTIC_ON,
+             "False without MODEL.MASK_ON (the panoptic segments are the mask head's masks)",
+             "add MODEL.MASK_ON True, or use a *_panoptic config")
+    _require(0.0 <= detr.PANOPTIC_THRESHOLD < 1.0, "MODEL.DETR.PANOPTIC_THRESHOLD", detr.PANOPTIC_THRESHOLD,
+             "in [0, 1) (a class probability a query must exceed)", "the reference uses 0.85")
+    thing_ids = detr.PANOPTIC_THING_IDS
+    _require(thing_ids is None or (isinstance(thing_ids, (list, tuple)) and all(_is_int(c) and c >= 0 for c in thing_ids)
+                                   and len(set(thing_ids)) == len(thing_ids)),
+             "MODEL.DETR.PANOPTIC_THING_IDS", thing_ids, "unset (None) or a list of distinct contiguous class ids",
+             "remove the key to take the thing classes from DATASETS.TRAIN's metadata, or fix it")
+
+
 def _check_solver(solver):
     """A non-negative, finite BASE_LR; at least one image per batch; a known AMP precision."""
     _require(math.isfinite(solver.BASE_LR) and solver.BASE_LR >= 0, "SOLVER.BASE_LR", solver.BASE_LR,
              "a finite number >= 0", "fix the value")
     _require(solver.IMS_PER_BATCH >= 1, "SOLVER.IMS_PER_BATCH", solver.IMS_PER_BATCH,
              "at least 1", "fix the value")
+    _require(solver.AMP.PRECISION in (AUTO, *PRECISIONS), "SOLVER.AMP.PRECISION", solver.AMP.PRECISION,
+             "'' (auto), 'bfloat16' or 'float16'",
+             "'' picks bfloat16 on the CPU and float16 on CUDA")
 
 
 def _check_test(test):
@@ -92,6 +113,8 @@ def _check_test(test):
              "'fast' or 'official'", "'fast' (C++ COCOeval, the default) or 'official' (pycocotools)")
     _require(isinstance(test.EVAL_LOSSES, bool), "TEST.EVAL_LOSSES", test.EVAL_LOSSES, "True or False",
              "True computes DETR's criterion on the test sets at each evaluation")
+    _require(isinstance(test.AMP.ENABLED, bool), "TEST.AMP.ENABLED", test.AMP.ENABLED, "True or False",
+             "True runs inference under autocast (SOLVER.AMP.PRECISION)")
 
 
 def check_model_config(cfg):
@@ -100,11 +123,9 @@ def check_model_config(cfg):
     _check_detr_sizes(cfg.MODEL.DETR)
     _check_detr_options(cfg.MODEL.DETR)
     _check_masks(cfg.MODEL)
+    _check_panoptic(cfg.MODEL)
     _check_solver(cfg.SOLVER)
     _check_test(cfg.TEST)
-    _require(solver.AMP.PRECISION in (AUTO, *PRECISIONS), "SOLVER.AMP.PRECISION", solver.AMP.PRECISION,
-             "'' (auto), 'bfloat16' or 'float16'",
-             "'' picks bfloat16 on the CPU and float16 on CUDA")
 
 
 def check_output_dir(cfg):
@@ -113,8 +134,6 @@ def check_output_dir(cfg):
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
-    _require(isinstance(test.AMP.ENABLED, bool), "TEST.AMP.ENABLED", test.AMP.ENABLED, "True or False",
-             "True runs inference under autocast (SOLVER.AMP.PRECISION)")
             pass
     except OSError as e:
         raise SetupError(f"OUTPUT_DIR {folder} cannot be written ({e.strerror or e}: "

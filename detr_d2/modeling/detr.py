@@ -12,6 +12,7 @@ from detr_d2.modeling.criterion import SetCriterion
 from detr_d2.modeling.float32 import in_current_autocast
 from detr_d2.modeling.mask_head import NUM_LEVELS, MaskHead, mask_head_levels
 from detr_d2.modeling.mlp import MLP
+from detr_d2.modeling.panoptic import add_panoptic_segmentation, build_panoptic_postprocess
 from detr_d2.modeling.position_encoding import build_position_embedding
 from detr_d2.modeling.postprocess import results_for_batch
 from detr_d2.modeling.transformer import Transformer
@@ -113,7 +114,9 @@ class Detr(nn.Module):
 
     With a ``mask_head`` (MODEL.MASK_ON): training inputs also carry ``gt_masks``
     (PolygonMasks or BitMasks), the losses add loss_mask and loss_dice (last layer), and the
-    instances add ``pred_masks`` bool [Q, height, width].
+    instances add ``pred_masks`` bool [Q, height, width]. With ``panoptic`` too
+    (MODEL.DETR.PANOPTIC_ON), each result also holds "panoptic_seg": (int32 [height, width]
+    segment ids, segments_info), see ``modeling.panoptic``.
 
     Evaluation against ground truth: ``inference_with_losses`` gives the inference output
     and each image's criterion values from one forward pass.
@@ -124,7 +127,7 @@ class Detr(nn.Module):
 
     @configurable
     def __init__(self, *, backbone, position_embedding, transformer, criterion, num_classes,
-                 num_queries, pixel_mean, pixel_std, mask_head=None, mask_threshold=0.5):
+                 num_queries, pixel_mean, pixel_std, mask_head=None, mask_threshold=0.5, panoptic=None):
         super().__init__()
         hidden_dim = transformer.d_model
         self.backbone = backbone
@@ -138,6 +141,7 @@ class Detr(nn.Module):
         self.num_classes = num_classes
         self.mask_head = mask_head
         self.mask_threshold = mask_threshold
+        self.panoptic = panoptic
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
@@ -153,6 +157,7 @@ class Detr(nn.Module):
             "backbone": backbone,
             "mask_head": build_mask_head(cfg, backbone),
             "mask_threshold": cfg.MODEL.MASK_THRESHOLD,
+            "panoptic": build_panoptic_postprocess(cfg, num_classes),
             "position_embedding": build_position_embedding(detr.POSITION_EMBEDDING, detr.HIDDEN_DIM),
             "transformer": build_transformer(cfg),
             "criterion": SetCriterion(cfg),
@@ -246,9 +251,17 @@ class Detr(nn.Module):
         logits, boxes, mask_logits = self.predictions(images)
         targets = self.prepare_targets(batched_inputs, images.image_sizes)
         losses = self.criterion.per_image(logits, boxes, targets, mask_logits)
+        return self.inference_results(logits, boxes, mask_logits, batched_inputs, images), losses
+
+    def inference_results(self, logits, boxes, mask_logits, batched_inputs, images):
+        """The inference output for the last decoder layer's predictions (see the class
+        docstring): instances, and with ``panoptic`` the panoptic segmentation."""
         results = results_for_batch(logits[-1], boxes[-1], batched_inputs, images.image_sizes,
                                     mask_logits, self.mask_threshold)
-        return results, losses
+        if self.panoptic is not None:
+            add_panoptic_segmentation(results, self.panoptic, logits[-1], mask_logits, batched_inputs,
+                                      images.image_sizes)
+        return results
 
     def training_predictions(self, images):
         """(logits, boxes, mask_logits) for the losses; with a mask head, mask_logits is a
@@ -269,5 +282,4 @@ class Detr(nn.Module):
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
             return self.weighted_losses(self.losses(logits, boxes, targets, mask_logits))
         logits, boxes, mask_logits = self.predictions(images)
-        return results_for_batch(logits[-1], boxes[-1], batched_inputs, images.image_sizes,
-                                 mask_logits, self.mask_threshold)
+        return self.inference_results(logits, boxes, mask_logits, batched_inputs, images)
