@@ -9,6 +9,7 @@ Usage::
     python datasets/prepare_shapes.py --preset pretrain --splits train:2000,val:200
     python datasets/prepare_shapes.py --preset custom --output /tmp/shapes_custom
     python datasets/prepare_shapes.py --classes star,circle --output DIR --seed 3
+    python datasets/prepare_shapes.py --preset panoptic     (COCO-panoptic: things + sky/ground/water)
 
 The default output folder is ``datasets/shapes_<preset>`` (or ``shapes_<class>-<class>...``).
 """
@@ -16,7 +17,15 @@ import argparse
 import os
 import sys
 
-from detr_d2.data.shapes import DEFAULT_SPLITS, KNOWN_SHAPES, PRESETS, ImageSettings, generate_dataset
+from detr_d2.data.shapes import (
+    DEFAULT_SPLITS,
+    KNOWN_SHAPES,
+    PANOPTIC_PRESETS,
+    PRESETS,
+    ImageSettings,
+    generate_dataset,
+    generate_panoptic_dataset,
+)
 
 
 def parse_splits(text):
@@ -75,11 +84,12 @@ def main(argv=None):
     classes = list(PRESETS[args.preset]) if args.preset else args.classes
     output = args.output or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "shapes_" + (args.preset or "-".join(classes)))
+    generate = generate_panoptic_dataset if args.preset in PANOPTIC_PRESETS else generate_dataset
     try:
-        generate_dataset(output, classes, args.splits, image_size=args.image_size,
-                         min_objects=args.min_objects, max_objects=args.max_objects,
-                         min_size=args.min_size, max_size=args.max_size, seed=args.seed,
-                         force=args.force)
+        generate(output, classes, args.splits, image_size=args.image_size,
+                 min_objects=args.min_objects, max_objects=args.max_objects,
+                 min_size=args.min_size, max_size=args.max_size, seed=args.seed,
+                 force=args.force)
     except ValueError as error:
         parser.error(str(error))
     return 0

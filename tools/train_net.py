@@ -55,7 +55,7 @@ def check_run(cfg, args):
         check_amp(cfg)
     else:
         check_training_setup(cfg)
-    check_evaluator_types(cfg.DATASETS.TEST)
+    check_evaluator_types(cfg.DATASETS.TEST, cfg=cfg)
     check_weights_to_load(cfg, args.resume)
     check_output_dir(cfg)
 

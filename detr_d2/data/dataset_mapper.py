@@ -15,6 +15,12 @@ boxes and dropped together with a box a crop empties. ``INPUT.MASK_FORMAT`` "pol
 polygons, ``BitMasks`` otherwise (a cropped polygon is rasterised first: clipping polygons
 would need shapely); "bitmask" always gives ``BitMasks``.
 
+A COCO-panoptic record ("pan_seg_file_name", "segments_info"; ``coco_panoptic``) gets its
+instances from the panoptic PNG instead (``panoptic_targets``): every segment, thing or
+stuff, crowd or not, is a target (contiguous class, box from its mask, ``gt_masks`` with
+MODEL.MASK_ON); the PNG's id map is transformed with the image (nearest), void pixels
+belong to no target.
+
 Images are read with ``image_io.read_image`` (EXIF orientation applied, grayscale /
 palette / RGBA / 16-bit files converted to ``INPUT.FORMAT``); a file that cannot be read
 or whose size differs from its record raises ``BadImageError`` naming the file, image id
@@ -32,6 +38,7 @@ from detectron2.structures import BitMasks, Boxes, BoxMode, Instances, PolygonMa
 
 from detr_d2.data.coco_registration import DatasetError
 from detr_d2.data.image_io import BadImageError, ImageNotFoundError, read_image
+from detr_d2.data.panoptic_targets import panoptic_index_map, panoptic_instances
 from detr_d2.data.transforms import RandomApplyList
 
 __all__ = ["DetrDatasetMapper", "annotation_boxes_xyxy", "annotation_mask", "build_detr_augmentation",
@@ -296,10 +303,15 @@ class DetrDatasetMapper:
         dataset_dict = dict(dataset_dict)  # nothing nested is modified: a shallow copy will do
         image = self._read_image(dataset_dict)
         source_shape = image.shape[:2]
-        aug_input = T.AugInput(image)
+        panoptic = self.with_instances and "pan_seg_file_name" in dataset_dict
+        aug_input = T.AugInput(image, sem_seg=panoptic_index_map(dataset_dict, source_shape) if panoptic else None)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if panoptic:
+            dataset_dict["instances"] = panoptic_instances(dataset_dict["segments_info"], aug_input.sem_seg,
+                                                           with_masks=bool(self.mask_format))
+            return dataset_dict
         labelled = "annotations" in dataset_dict
         annotations = dataset_dict.pop("annotations", [])
         if self.with_instances and (labelled or self.is_train):

@@ -11,6 +11,8 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from detr_d2.data import validate_coco_dataset
+from detr_d2.data.coco_panoptic import PANOPTIC_EVALUATOR_TYPE
+from detr_d2.data.panoptic_validation import validate_panoptic_dataset
 from detr_d2.errors import SetupError
 
 __all__ = ["check_dataset_names", "load_dataset_dicts"]
@@ -74,6 +76,15 @@ def _check_image_files(name, dicts):
                          "the dataset's annotation file.")
 
 
+def _check_panoptic_files(name, metadata):
+    """A COCO-panoptic set (builtin or DATASETS.REGISTER_COCO_PANOPTIC): its json, PNGs and
+    images checked by ``validate_panoptic_dataset`` (DatasetError naming file and id)."""
+    if not os.path.isfile(metadata.panoptic_json):
+        raise SetupError(f"Dataset {name!r}: panoptic json {metadata.panoptic_json} does not exist. "
+                         f"{_layout_hint(name)}")
+    validate_panoptic_dataset(name, metadata.panoptic_json, metadata.panoptic_root, metadata.image_root)
+
+
 def load_dataset_dicts(name):
     """The records (detectron2 dataset dicts) of the registered dataset ``name``.
 
@@ -81,12 +92,16 @@ def load_dataset_dicts(name):
     COCO-json one (evaluator_type "coco", e.g. the builtin coco_* names and
     DATASETS.REGISTER_COCO entries) is first checked by ``validate_coco_dataset``, which
     raises DatasetError for an annotation file that does not parse or has defects (LVIS
-    json, whose images have no file_name, is read by detectron2's own loader). Raises SetupError if the annotation file is missing, the
+    json, whose images have no file_name, is read by detectron2's own loader); a
+    COCO-panoptic one (evaluator_type "coco_panoptic_seg") by ``validate_panoptic_dataset``
+    (json, PNGs, image files). Raises SetupError if the annotation file is missing, the
     dataset is empty, or one of its image files does not exist or is empty. Each record
     gets "dataset_name" (``name``), which error messages about its image use.
     """
     metadata = MetadataCatalog.get(name)
-    if metadata.get("json_file", None) and metadata.get("image_root", None):
+    if metadata.get("evaluator_type", None) == PANOPTIC_EVALUATOR_TYPE:
+        _check_panoptic_files(name, metadata)
+    elif metadata.get("json_file", None) and metadata.get("image_root", None):
         if not os.path.isfile(metadata.json_file):
             raise SetupError(f"Dataset {name!r}: annotation file {metadata.json_file} does not "
                              f"exist. {_layout_hint(name)}")

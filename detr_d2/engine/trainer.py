@@ -147,7 +147,7 @@ class Trainer(DefaultTrainer):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         check_training_setup(cfg)
-        check_evaluator_types(cfg.DATASETS.TEST)  # fail now rather than at the first evaluation
+        check_evaluator_types(cfg.DATASETS.TEST, cfg=cfg)  # fail now rather than at the first evaluation
         for name in cfg.DATASETS.TEST:
             load_dataset_dicts(name)
         data_loader = self.build_train_loader(cfg)

@@ -11,12 +11,21 @@ yourself, as detectron2's builtin voc_* names have it. ``detection_evaluator`` m
                faster-coco-eval where that is missing) or "official" (pycocotools)
 "lvis"         ``LVISEvaluator`` (the ``lvis`` package's LVISEval)
 "pascal_voc"   ``PascalVOCDetectionEvaluator`` (VOC AP at IoU 0.5:0.95, AP50, AP75)
+"coco_panoptic_seg"  ``COCOPanopticEvaluator`` (PQ, SQ, RQ for all / things / stuff, with
+               panopticapi's ``pq_compute``): detectron2's builtin ``coco_*_panoptic``
+               sets and DATASETS.REGISTER_COCO_PANOPTIC entries; the model must output
+               ``panoptic_seg`` (MODEL.MASK_ON and MODEL.DETR.PANOPTIC_ON)
 =============  ==================================================================
 
 Any other type (or none) is a ``SetupError`` naming the dataset, its type and these.
 """
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import COCOEvaluator, LVISEvaluator, PascalVOCDetectionEvaluator
+from detectron2.evaluation import (
+    COCOEvaluator,
+    COCOPanopticEvaluator,
+    LVISEvaluator,
+    PascalVOCDetectionEvaluator,
+)
 
 from detr_d2 import compat
 from detr_d2.errors import SetupError
@@ -24,7 +33,7 @@ from detr_d2.evaluation.fast_coco_eval import FasterCOCOeval
 
 __all__ = ["EVALUATOR_TYPES", "check_evaluator_types", "detection_evaluator"]
 
-EVALUATOR_TYPES = ("coco", "lvis", "pascal_voc")
+EVALUATOR_TYPES = ("coco", "lvis", "pascal_voc", "coco_panoptic_seg")
 
 
 def evaluator_type(dataset_name, config_key="DATASETS.TEST"):
@@ -45,10 +54,22 @@ def evaluator_type(dataset_name, config_key="DATASETS.TEST"):
     return kind
 
 
-def check_evaluator_types(dataset_names, config_key="DATASETS.TEST"):
-    """Every dataset of ``dataset_names`` has a supported ``evaluator_type`` (SetupError if not)."""
+def _check_panoptic_output(cfg, dataset_name):
+    """A panoptic test set needs the model's ``panoptic_seg`` (SetupError naming the keys)."""
+    if not (cfg.MODEL.MASK_ON and cfg.MODEL.DETR.get("PANOPTIC_ON", False)):
+        raise SetupError(
+            f"Dataset {dataset_name!r} in DATASETS.TEST is a panoptic set (evaluator_type "
+            "'coco_panoptic_seg', evaluated by PQ), which needs MODEL.MASK_ON True and "
+            "MODEL.DETR.PANOPTIC_ON True (the configs/*panoptic*.yaml set both); set them, or "
+            "remove the set from DATASETS.TEST (e.g. DATASETS.TEST '()' for a box-only stage).")
+
+
+def check_evaluator_types(dataset_names, config_key="DATASETS.TEST", cfg=None):
+    """Every dataset of ``dataset_names`` has a supported ``evaluator_type`` (SetupError if
+    not); with ``cfg``, a panoptic one also needs the model's panoptic output."""
     for name in dataset_names:
-        evaluator_type(name, config_key)
+        if evaluator_type(name, config_key) == "coco_panoptic_seg" and cfg is not None:
+            _check_panoptic_output(cfg, name)
 
 
 def _tasks(cfg):
@@ -57,8 +78,11 @@ def _tasks(cfg):
 
 def detection_evaluator(cfg, dataset_name, output_dir):
     """The detectron2 evaluator of ``dataset_name``'s ``evaluator_type`` (see the module doc);
-    COCO and LVIS write their predictions into ``output_dir``."""
+    COCO, LVIS and COCO-panoptic write their predictions into ``output_dir``."""
     kind = evaluator_type(dataset_name)
+    if kind == "coco_panoptic_seg":
+        _check_panoptic_output(cfg, dataset_name)
+        return COCOPanopticEvaluator(dataset_name, output_dir=output_dir)
     if kind == "lvis":
         return LVISEvaluator(dataset_name, tasks=_tasks(cfg), output_dir=output_dir)
     if kind == "pascal_voc":

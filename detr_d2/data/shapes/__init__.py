@@ -12,6 +12,8 @@ star, cross (a plus sign). Presets (``PRESETS``):
 
 * ``pretrain``: circle, ellipse, rectangle, triangle, pentagon, hexagon
 * ``custom``:   star, cross (two classes absent from ``pretrain``, for fine-tuning)
+* ``panoptic``: the ``pretrain`` shapes as things on sky / ground / water stuff, in
+  COCO-panoptic format (``panoptic``: ``generate_panoptic_dataset``, its own layout)
 
 Layout of ``output_dir``::
 
@@ -40,10 +42,11 @@ line is ``datasets/prepare_shapes.py``.
 """
 from detr_d2.data.shapes.generation import generate_dataset
 from detr_d2.data.shapes.outlines import KNOWN_SHAPES, fit_outline, rasterize, shape_outline
-from detr_d2.data.shapes.presets import DEFAULT_SPLITS, PRESETS
+from detr_d2.data.shapes.panoptic import generate_panoptic_dataset
+from detr_d2.data.shapes.presets import DEFAULT_SPLITS, PANOPTIC_PRESETS, PRESETS
 from detr_d2.data.shapes.rendering import DrawnObject, ImageSettings, render_sample, sample_rng
 from detr_d2.data.shapes.writer import image_file_name, write_split
 
-__all__ = ["DEFAULT_SPLITS", "DrawnObject", "ImageSettings", "KNOWN_SHAPES", "PRESETS", "fit_outline",
-           "generate_dataset", "image_file_name", "rasterize", "render_sample", "sample_rng", "shape_outline",
+__all__ = ["DEFAULT_SPLITS", "DrawnObject", "ImageSettings", "KNOWN_SHAPES", "PANOPTIC_PRESETS", "PRESETS",
+           "fit_outline", "generate_dataset", "generate_panoptic_dataset", "image_file_name", "rasterize", "render_sample", "sample_rng", "shape_outline",
            "write_split"]

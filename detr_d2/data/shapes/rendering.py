@@ -95,8 +95,9 @@ def _random_placement(rng, name, settings):
     return rasterize(points, settings.image_size)
 
 
-def render_sample(rng, classes, settings):
-    """Draw one image.
+def render_sample(rng, classes, settings, background=None):
+    """Draw one image: shapes on ``background`` (uint8 RGB [S, S, 3], drawn on in place), or
+    on a ``random_background`` when None.
 
     Returns ``(image, objects)``: ``image`` is uint8 RGB (H, W, 3) and ``objects`` a list of
     ``DrawnObject`` whose masks are the pixels each object shows in ``image`` (later objects
@@ -104,7 +105,7 @@ def render_sample(rng, classes, settings):
     [min_objects, max_objects]; if crowding leaves no valid placement for some of them
     after ``PLACEMENT_ATTEMPTS_PER_OBJECT`` tries each, the image has fewer (never none).
     """
-    image = random_background(rng, settings.image_size)
+    image = random_background(rng, settings.image_size) if background is None else background
     target = int(rng.integers(settings.min_objects, settings.max_objects + 1))
     top_label = np.full(image.shape[:2], -1, dtype=np.int32)
     class_indices, colours, full_areas, boxes = [], [], [], []
