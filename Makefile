@@ -32,6 +32,8 @@ $(STAMP): setup.py scripts/install_detectron2.py Makefile
 	@$(PIP) install -q $(PIP_NET) --no-build-isolation -e '.[test,export]'
 	@# LVISEvaluator's lvis API; without its declared opencv-python, which would shadow opencv-python-headless
 	@$(PIP) install -q $(PIP_NET) --no-deps lvis==0.5.3
+	@# COCOPanopticEvaluator's panopticapi (pq_compute, id2rgb); without its numpy<2 pin (works on numpy 2, tested)
+	@$(PIP) install -q $(PIP_NET) --no-deps panopticapi-lite==0.2.0
 	@$(PY) -c "import detr_d2, detectron2; print('[install] detr_d2 ready; detectron2', detectron2.__version__, 'from', detectron2.__path__[0])"
 	@touch $(STAMP)
 
