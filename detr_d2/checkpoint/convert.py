@@ -11,9 +11,14 @@ Reference keys -> detr_d2 keys:
   above), ``bbox_attention.*`` -> ``mask_head.attention_map.*``, ``mask_head.*`` ->
   ``mask_head.fpn.*``.
 A 92-output COCO class head (category ids 0..90 + no-object) is reduced to detectron2's
-80 contiguous COCO classes + no-object.
+80 contiguous COCO classes + no-object; a 251-output COCO-panoptic head (category ids
+0..249 + no-object, the published panoptic models) to detectron2's 133 contiguous
+COCO-panoptic classes (80 things + 53 stuff, the order of ``COCO_CATEGORIES``, as the
+builtin ``coco_2017_*_panoptic`` metadata numbers them) + no-object. Other heads are kept.
 """
 import re
+
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from detr_d2.errors import SetupError
 
@@ -26,6 +31,16 @@ COCO_CATEGORY_IDS = (
 )
 COCO_HEAD_ROWS = COCO_CATEGORY_IDS + (91,)
 REFERENCE_COCO_HEAD_SIZE = 92
+# COCO-panoptic category ids (things and stuff) in detectron2's contiguous order, then the
+# reference panoptic head's no-object row (num_classes 250).
+COCO_PANOPTIC_HEAD_ROWS = tuple(category["id"] for category in COCO_CATEGORIES) + (250,)
+REFERENCE_COCO_PANOPTIC_HEAD_SIZE = 251
+# head size -> (rows kept, in detr_d2's order, no-object last; what the note calls them)
+REMAPPED_HEADS = {
+    REFERENCE_COCO_HEAD_SIZE: (COCO_HEAD_ROWS, "COCO class head remapped: 92 outputs -> 80 detectron2 classes"),
+    REFERENCE_COCO_PANOPTIC_HEAD_SIZE: (COCO_PANOPTIC_HEAD_ROWS, "COCO-panoptic class head remapped: 251 outputs "
+                                        "-> 133 detectron2 classes (80 things + 53 stuff; configs/detr_*_panoptic.yaml)"),
+}
 CLASS_HEAD_KEYS = ("class_embed.weight", "class_embed.bias")
 UNCHANGED_PREFIXES = ("transformer.", "class_embed.", "bbox_embed.", "query_embed.", "input_proj.")
 SEGM_DETECTOR_PREFIX = "detr."
@@ -111,10 +126,13 @@ def rename_key(key):
     return None
 
 
-def remap_coco_class_head(state_dict):
-    """Keep the 80 COCO category rows (detectron2 order) + no-object of a 92-output head."""
+def remap_class_head(state_dict, rows):
+    """Keep the class-head ``rows`` (category ids in detectron2's contiguous order, then the
+    no-object row) of the reference head: a 92-output COCO head -> 80 + 1 outputs
+    (``COCO_HEAD_ROWS``), a 251-output COCO-panoptic head -> 133 + 1
+    (``COCO_PANOPTIC_HEAD_ROWS``)."""
     for key in CLASS_HEAD_KEYS:
-        state_dict[key] = state_dict[key][list(COCO_HEAD_ROWS)].clone()
+        state_dict[key] = state_dict[key][list(rows)].clone()
 
 
 def convert_state_dict(reference, drop_class_head=False, source="checkpoint"):
@@ -138,9 +156,10 @@ def convert_state_dict(reference, drop_class_head=False, source="checkpoint"):
         for key in CLASS_HEAD_KEYS:
             del converted[key]
         notes.append(f"class head ({head_size} outputs) dropped for fine-tuning on other classes")
-    elif head_size == REFERENCE_COCO_HEAD_SIZE:
-        remap_coco_class_head(converted)
-        notes.append("COCO class head remapped: 92 outputs -> 80 detectron2 classes + no-object")
+    elif head_size in REMAPPED_HEADS:
+        rows, description = REMAPPED_HEADS[head_size]
+        remap_class_head(converted, rows)
+        notes.append(f"{description} + no-object")
     else:
         notes.append(f"class head kept: {head_size - 1} classes + no-object")
     return converted, {"depth": depth, "notes": notes}
