@@ -13,8 +13,8 @@ Each 128-px image is a landscape of stuff regions and shapes on top:
   COCO annotators leave edges unlabelled, and in some images an unlabelled blob.
 
 Category ids are not contiguous: things 1, 3, 5, ... in ``PANOPTIC_THINGS`` order, stuff
-100, 102, 104. Segment ids are k * ``SEGMENT_ID_STEP`` (k = 1, 2, ...), so they spread
-over all three PNG channels (id = R + 256 G + 256² B).
+100, 102, 104. Segment k (k = 1, 2, ...) has id k * ``SEGMENT_ID_STEP`` = k * 65793, i.e.
+R = G = B = k in the PNG (id = R + 256 G + 256² B), so the decoding uses every channel.
 
 Layout of ``output_dir``::
 
@@ -46,7 +46,7 @@ PANOPTIC_VERSION = 1
 PANOPTIC_THINGS = ("circle", "ellipse", "rectangle", "triangle", "pentagon", "hexagon")
 PANOPTIC_STUFF = ("sky", "ground", "water")
 STUFF_IDS = (100, 102, 104)
-SEGMENT_ID_STEP = 4111
+SEGMENT_ID_STEP = 1 + 256 + 256 ** 2  # segment k: R = G = B = k
 STUFF_COLOURS = ([110, 170, 240], [120, 90, 50], [40, 110, 170])
 CROWD_PROBABILITY = 0.15
 VOID_BLOB_PROBABILITY = 0.3
@@ -240,6 +240,8 @@ def generate_panoptic_dataset(output_dir, classes, splits, image_size=128, min_o
     splits = {str(s): int(n) for s, n in splits.items()}
     settings = ImageSettings(image_size, min_objects, max_objects, min_size, max_size)
     _validate(classes, splits, settings, seed)
+    if max_objects + 1 + len(PANOPTIC_STUFF) > 255:
+        raise ValueError("max_objects must be at most 251: segment ids are k * 65793 for k < 256")
     manifest = json.loads(json.dumps({"panoptic_version": PANOPTIC_VERSION, "classes": classes,
                                       "stuff": list(PANOPTIC_STUFF), "splits": splits, "seed": seed,
                                       **settings.__dict__}))
