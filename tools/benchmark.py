@@ -2,7 +2,7 @@
 """Time DETR's training iterations, inference or data loading on this machine.
 
     python tools/benchmark.py --config-file CFG --task {train,eval,data} [--input-size HxW] \\
-        [--iters N] [--warmup N] [--compare-plain] [KEY VALUE ...]
+        [--iters N] [--warmup N] [--compare-plain] [--precision {both,float32,amp}] [KEY VALUE ...]
 
 Like detectron2's tools/benchmark.py. The model is built from the config with random
 weights (MODEL.WEIGHTS is not loaded: timings do not depend on the values), on
@@ -28,6 +28,11 @@ the peak since the start, where it cannot be reset) and, for train, the matcher'
 off too (MODEL.DETR.FAST_PATHS, SOLVER.FUSED_OPTIMIZER), alternating fast and plain
 iterations in this process, and prints the ratio fast / plain; for eval also the largest
 difference between their outputs.
+--precision (train, eval): "both" (default) times each variant in float32 and under mixed
+precision ("fast bf16" beside "fast": the autocast of SOLVER.AMP.PRECISION on MODEL.DEVICE,
+bfloat16 on the CPU; training steps as SOLVER.AMP.ENABLED runs them, inference as
+TEST.AMP.ENABLED does), alternating too, and prints the ratio AMP / float32 (for eval
+also their largest output difference); "float32" or "amp" times one of them.
 """
 import argparse
 import itertools
@@ -45,11 +50,14 @@ from detectron2.utils.events import EventStorage
 from detr_d2.acceleration import set_fast_paths
 from detr_d2.engine import Trainer, build_config
 from detr_d2.engine.build import build_model
+from detr_d2.engine.amp_trainer import DetrAMPTrainer
 from detr_d2.engine.optimizer import set_fused_step
+from detr_d2.engine.precision import autocast, autocast_dtype, warn_if_emulated
 from detr_d2.utils.tool_setup import input_size, positive_int, run_tool, setup_tool_logging
 
 BOXES_PER_IMAGE = 5
 FAST, PLAIN = "fast", "plain"
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def build_parser():
@@ -63,6 +71,9 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (per variant)")
     parser.add_argument("--compare-plain", action="store_true",
                         help="also time the plain path (fast paths off), alternating, and print the ratio")
+    parser.add_argument("--precision", choices=("both", "float32", "amp"), default="both",
+                        help="float32, mixed precision (SOLVER.AMP.PRECISION's autocast), or both "
+                             "alternating (default)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     return parser
 
@@ -169,40 +180,64 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-class Runner:
-    """One model (and optimizer, for training) whose fast paths can be switched; ``run``
-    does one iteration of the task and returns its seconds and outputs. A training
-    iteration is detectron2's ``SimpleTrainer.run_step`` on the given batch."""
+def variant_name(path, dtype):
+    """"fast" / "plain" in float32 (dtype None), "fast bf16" / "plain bf16" ... under autocast."""
+    return path if dtype is None else f"{path} {DTYPE_NAMES[dtype]}"
 
-    def __init__(self, cfg, training):
+
+def benchmark_variants(cfg, args):
+    """{name: (path, autocast dtype or None)} of the variants to time, in order."""
+    paths = (FAST, PLAIN) if args.compare_plain else (FAST,)
+    amp = autocast_dtype(cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE)
+    dtypes = {"both": (None, amp), "float32": (None,), "amp": (amp,)}[args.precision]
+    return {variant_name(path, dtype): (path, dtype) for dtype in dtypes for path in paths}
+
+
+class Runner:
+    """One model (and optimizer, for training) whose fast paths and precision can be switched;
+    ``run`` does one iteration of the task and returns its seconds and outputs. A training
+    iteration is detectron2's ``SimpleTrainer.run_step`` on the given batch (float32) or
+    ``DetrAMPTrainer.run_step`` (mixed precision, as SOLVER.AMP.ENABLED trains)."""
+
+    def __init__(self, cfg, training, amp_dtype):
         self.cfg = cfg
         self.training = training
         self.model = build_model(cfg).train(training)
         self.matcher_timer = ModuleTimer(self.model.criterion.matcher)
         self.optimizer = Trainer.build_optimizer(cfg, self.model) if training else None
         self._batch = None
-        self.trainer = SimpleTrainer(self.model, self._current_batch(), self.optimizer) if training else None
+        self.dtype = None
+        self.trainers = {}
+        if training:
+            self.trainers[None] = SimpleTrainer(self.model, self._current_batch(), self.optimizer)
+            self.trainers[amp_dtype] = DetrAMPTrainer(self.model, self._current_batch(), self.optimizer,
+                                                      cfg.MODEL.DEVICE, amp_dtype)
+        self.iteration = 0
 
     def _current_batch(self):
         """The endless "data loader" of the trainer: the batch ``run`` was given."""
         while True:
             yield self._batch
 
-    def use(self, variant):
-        """Switch to the ``FAST`` variant (the config's choices) or the ``PLAIN`` one."""
-        fast = variant == FAST
+    def use(self, path, dtype):
+        """Switch to the ``FAST`` path (the config's choices) or the ``PLAIN`` one, in float32
+        (``dtype`` None) or under autocast to ``dtype``."""
+        fast = path == FAST
         set_fast_paths(self.model, fast and self.cfg.MODEL.DETR.FAST_PATHS)
         if self.optimizer is not None:
             set_fused_step(self.optimizer, fast and self.cfg.SOLVER.FUSED_OPTIMIZER)
+        self.dtype = dtype
 
     def _train_step(self, batch):
         self._batch = batch
-        with EventStorage(self.trainer.iter):
-            self.trainer.run_step()
-        self.trainer.iter += 1
+        trainer = self.trainers[self.dtype]
+        trainer.iter = self.iteration
+        with EventStorage(self.iteration):
+            trainer.run_step()
+        self.iteration += 1
 
     def _inference(self, batch):
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.cfg.MODEL.DEVICE, self.dtype):
             return self.model(batch)
 
     def run(self, batch):
@@ -223,13 +258,14 @@ def variant_order(index, variants):
 
 
 def timed_runs(runner, batches, args, variants):
-    """{variant: {"seconds", "cpu", "matcher", "peak", "outputs"}: lists over the timed iterations}."""
+    """{variant name: {"seconds", "cpu", "matcher", "peak", "outputs"}: lists over the timed
+    iterations}; ``variants``: {name: (path, dtype)}."""
     memory = PeakMemory()
     records = {v: {"seconds": [], "cpu": [], "matcher": [], "peak": [], "outputs": []} for v in variants}
     for index in range(args.warmup + args.iters):
         batch = batches[index % len(batches)]
-        for variant in variant_order(index, variants):
-            runner.use(variant)
+        for variant in variant_order(index, tuple(variants)):
+            runner.use(*variants[variant])
             memory.reset()
             seconds, cpu, matcher, outputs = runner.run(batch)
             if index >= args.warmup:
@@ -268,7 +304,7 @@ def spread_text(seconds):
 
 def variant_text(name, record, images_per_iter, training):
     median = statistics.median(record["seconds"])
-    text = (f"{name:>5}: {spread_text(record['seconds'])}, {images_per_iter / median:.2f} images/s, "
+    text = (f"{name:>10}: {spread_text(record['seconds'])}, {images_per_iter / median:.2f} images/s, "
             f"process CPU {statistics.median(record['cpu']):.4f} s/iter, "
             f"peak RSS {max(record['peak']) / 2 ** 30:.2f} GiB")
     if training:
@@ -276,10 +312,10 @@ def variant_text(name, record, images_per_iter, training):
     return text
 
 
-def ratio_text(records):
-    fast, plain = records[FAST]["seconds"], records[PLAIN]["seconds"]
-    pairs = [f / p for f, p in zip(fast, plain)]
-    return (f"ratio fast/plain: {statistics.median(fast) / statistics.median(plain):.3f} (medians); "
+def ratio_text(records, numerator, denominator):
+    top, bottom = records[numerator]["seconds"], records[denominator]["seconds"]
+    pairs = [f / p for f, p in zip(top, bottom)]
+    return (f"ratio {numerator}/{denominator}: {statistics.median(top) / statistics.median(bottom):.3f} (medians); "
             f"per pair: median {statistics.median(pairs):.3f}, min {min(pairs):.3f}, max {max(pairs):.3f}")
 
 
@@ -304,17 +340,27 @@ def describe_inputs(cfg, args, training):
     return f"{batch} synthetic image(s) of {height}x{width}{boxes}"
 
 
-def report_model_task(cfg, args, records, training):
+def compared_pairs(variants):
+    """(numerator, denominator) names to compare: fast vs plain in each precision, then each
+    path under autocast vs in float32."""
+    pairs = [(variant_name(FAST, dtype), variant_name(PLAIN, dtype))
+             for path, dtype in variants.values() if path == PLAIN]
+    pairs += [(name, variant_name(path, None)) for name, (path, dtype) in variants.items()
+              if dtype is not None and variant_name(path, None) in variants]
+    return pairs
+
+
+def report_model_task(cfg, args, records, training, variants):
     images_per_iter = cfg.SOLVER.IMS_PER_BATCH if training else 1
     print(f"{args.config_file}  task {args.task}  input: {describe_inputs(cfg, args, training)}  "
           f"device {cfg.MODEL.DEVICE}, {torch.get_num_threads()} torch threads")
     for name, record in records.items():
         print(variant_text(name, record, images_per_iter, training))
-    if PLAIN in records:
-        print(ratio_text(records))
+    for numerator, denominator in compared_pairs(variants):
+        print(ratio_text(records, numerator, denominator))
         if not training:
-            score, box = instances_difference(records[FAST]["outputs"], records[PLAIN]["outputs"])
-            print(f"largest difference fast vs plain: score {score:.2e}, box / image side {box:.2e}")
+            score, box = instances_difference(records[numerator]["outputs"], records[denominator]["outputs"])
+            print(f"largest difference {numerator} vs {denominator}: score {score:.2e}, box / image side {box:.2e}")
 
 
 def report_data_task(cfg, args, record):
@@ -331,9 +377,12 @@ def benchmark_model(cfg, args):
     training = args.task == "train"
     batches = benchmark_batches(cfg, args, training)
     torch.manual_seed(0)
-    runner = Runner(cfg, training)
-    variants = (FAST, PLAIN) if args.compare_plain else (FAST,)
-    report_model_task(cfg, args, timed_runs(runner, batches, args, variants), training)
+    runner = Runner(cfg, training, autocast_dtype(cfg.SOLVER.AMP.PRECISION, cfg.MODEL.DEVICE))
+    variants = benchmark_variants(cfg, args)
+    for _, dtype in variants.values():
+        if dtype is not None:
+            warn_if_emulated(cfg.MODEL.DEVICE, dtype)
+    report_model_task(cfg, args, timed_runs(runner, batches, args, variants), training, variants)
 
 
 def default_device_opts():

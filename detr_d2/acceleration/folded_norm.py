@@ -77,23 +77,30 @@ class FrozenNormConv2d(Conv2d):
                    self.norm.running_var)
         return layout, tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
-    def folded_weight_and_bias(self, memory_format=torch.contiguous_format):
+    def folded_weight_and_bias(self, memory_format=torch.contiguous_format, dtype=None):
         """(W' [C_out, C_in/groups, kh, kw] in ``memory_format``, b' [C_out]).
 
         Recomputed at each call when autograd needs the product (a trainable weight, grad
-        enabled); otherwise kept until a tensor it reads changes (inference, frozen stages).
+        enabled); otherwise kept until a tensor it reads changes (inference, frozen stages),
+        then with ``dtype`` (e.g. autocast's bfloat16) both kept in that dtype (folded in
+        float32, rounded once) so that autocast does not cast them again at every call.
         """
         if torch.is_grad_enabled() and self.weight.requires_grad:
             return self._fold(memory_format)
-        key = self._fold_key(memory_format)
+        key = self._fold_key((memory_format, dtype))
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
-                self._folded = (key, self._fold(memory_format))
+                weight, bias = self._fold(memory_format)
+                if dtype is not None:
+                    weight, bias = weight.to(dtype), bias.to(dtype)
+                self._folded = (key, (weight, bias))
         return self._folded[1]
 
-    def prepacked_weight_and_bias(self, input_shape):
+    def prepacked_weight_and_bias(self, input_shape, dtype=torch.float32):
         """(W' reordered by oneDNN for inputs of ``input_shape`` (B, C_in, H, W): an opaque
-        mkldnn tensor, b' [C_out]), without autograd.
+        mkldnn tensor, b' [C_out]), both in ``dtype`` (float32, or bfloat16 for bfloat16
+        inputs; oneDNN's in-place sum wants the bias in the input's dtype), without autograd.
+        The fold is computed in float32 and rounded once.
 
         oneDNN picks the blocked weight layout from the input shape too (a weight packed for
         another shape is reordered again at every call: 1.7x slower), so the packed weight
@@ -101,23 +108,24 @@ class FrozenNormConv2d(Conv2d):
         recomputed when the shape or a tensor it comes from changes (the reorder: ~5 ms per
         million weights on one thread).
         """
-        key = self._fold_key(("oneDNN", tuple(input_shape)))
+        key = self._fold_key(("oneDNN", tuple(input_shape), dtype))
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
                 weight, bias = self._fold(torch.channels_last)
                 weight = torch.ops.mkldnn._reorder_convolution_weight(
-                    weight, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                    weight.to(dtype), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                     list(input_shape))
-                self._folded = (key, (weight, bias))
+                self._folded = (key, (weight, bias.to(dtype)))
         return self._folded[1]
 
     def prepacked_forward(self, x, relu=False):
         """One oneDNN convolution with the folded, prepacked weight, ReLU fused if ``relu``.
 
-        x [B, C_in, H, W] float32 channels-last on the CPU -> ``conv'(x)`` (then ReLU),
-        [B, C_out, H', W'] channels-last. Ignores ``self.activation``; no autograd.
+        x [B, C_in, H, W] float32 or bfloat16, channels-last on the CPU -> ``conv'(x)`` (then
+        ReLU), [B, C_out, H', W'] channels-last in x's dtype. Ignores ``self.activation``; no
+        autograd.
         """
-        weight, bias = self.prepacked_weight_and_bias(x.shape)
+        weight, bias = self.prepacked_weight_and_bias(x.shape, x.dtype)
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
             "relu" if relu else "none", [], "")
@@ -126,12 +134,12 @@ class FrozenNormConv2d(Conv2d):
         """``accumulator += conv'(x)`` (then ReLU if ``relu``) in one oneDNN convolution (sum
         and ReLU post-ops), in place.
 
-        x [B, C_in, H, W] float32 channels-last on the CPU, accumulator [B, C_out, H', W']
-        channels-last -> accumulator. Writing into a tensor whose pages are already mapped
+        x [B, C_in, H, W] float32 or bfloat16, channels-last on the CPU, accumulator
+        [B, C_out, H', W'] channels-last of x's dtype -> accumulator. Writing into a tensor whose pages are already mapped
         (a residual) instead of a new one saves the page faults of a fresh allocation:
         half the time of the 256-channel res2 convolutions. No autograd.
         """
-        weight, bias = self.prepacked_weight_and_bias(x.shape)
+        weight, bias = self.prepacked_weight_and_bias(x.shape, x.dtype)
         return torch.ops.mkldnn._convolution_pointwise_(
             accumulator, x, weight, bias, list(self.padding), list(self.stride), list(self.dilation),
             self.groups, "add", 1.0, "relu" if relu else None, [], "")
@@ -143,7 +151,9 @@ class FrozenNormConv2d(Conv2d):
         if not self.fold_norm:
             return super().forward(x)
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
-        weight, bias = self.folded_weight_and_bias(torch.channels_last if channels_last else torch.contiguous_format)
+        autocast_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        weight, bias = self.folded_weight_and_bias(torch.channels_last if channels_last else torch.contiguous_format,
+                                                   autocast_dtype)
         stride = self.stride
         if self._is_strided_pointwise() and torch.is_grad_enabled() and x.device.type == "cpu":
             # the same products: a strided 1x1 conv reads only every stride-th pixel. torch's

@@ -19,7 +19,7 @@ from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, Bottlenec
 
 from detr_d2.acceleration.folded_norm import FrozenNormConv2d
 
-__all__ = ["supports_prepacked_forward", "prepacked_prefix_length", "prepacked_resnet_forward"]
+__all__ = ["prepacked_dtype", "prepacked_prefix_length", "prepacked_resnet_forward", "supports_prepacked_forward"]
 
 
 def _block_is_supported(block):
@@ -43,9 +43,22 @@ def _is_frozen(part):
     return not any(parameter.requires_grad for parameter in part.parameters())
 
 
+def prepacked_dtype(tensor):
+    """The dtype the prepacked convolutions compute in for ``tensor`` (float32 on the CPU):
+    bfloat16 under CPU autocast to bfloat16 (oneDNN's bf16 convolutions, what autocast's
+    convolutions would do), else float32; None where they do not apply (other devices or
+    dtypes, autocast to float16)."""
+    if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
+        return None
+    if not torch.is_autocast_enabled("cpu"):
+        return torch.float32
+    return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+
+
 def prepacked_prefix_length(body, tensor):
     """How many leading parts of ``body`` (the stem, then each stage) ``prepacked_resnet_forward``
-    may run for ``tensor`` (float32 on the CPU, folding switched on; else 0):
+    may run for ``tensor`` (float32 on the CPU, folding switched on, ``prepacked_dtype`` not
+    None; else 0):
 
     * all of them in eval mode without autograd (inference);
     * in training mode, the frozen prefix: the leading parts none of whose parameters
@@ -53,7 +66,7 @@ def prepacked_prefix_length(body, tensor):
       a gradient, so computing it without autograd changes no gradient;
     * none in eval mode with autograd on (the channels-last module path).
     """
-    if tensor.device.type != "cpu" or tensor.dtype != torch.float32 or not body.stem.conv1.fold_norm:
+    if prepacked_dtype(tensor) is None or not body.stem.conv1.fold_norm:
         return 0
     parts = [body.stem, *body.stages]
     if not body.training:
@@ -92,11 +105,13 @@ def prepacked_resnet_forward(body, tensor, prefix_length=None):
     ``prepacked_prefix_length``) run prepacked without autograd, their features
     channels-last; the later stages run as modules on a contiguous (NCHW) copy, with
     autograd as usual: training keeps that layout (channels-last made it slower).
+    Under CPU autocast to bfloat16 the prepacked part computes in bfloat16 (weights folded in
+    float32, then rounded) and its features are bfloat16, as autocast's convolutions give.
     """
     parts = 1 + len(body.stages)
     prefix_length = parts if prefix_length is None else prefix_length
     with torch.no_grad():
-        x = tensor.contiguous(memory_format=torch.channels_last)
+        x = tensor.to(prepacked_dtype(tensor)).contiguous(memory_format=torch.channels_last)
         x = F.max_pool2d(body.stem.conv1.prepacked_forward(x, relu=True), kernel_size=3, stride=2, padding=1)
     outputs = {"stem": x} if "stem" in body._out_features else {}
     returned = bool(outputs)  # whether x is an output feature, not to be overwritten

@@ -194,7 +194,7 @@ def assert_training_equals_the_plain_path(model):
              training_input(48, 64, [[2, 3, 40, 30]], [1])]
     fast_losses, fast_grads = losses_and_grads(model, batch, True)
     stem = model.backbone.body.stem.conv1
-    assert stem._folded is not None and stem._folded[0][0] == ("oneDNN", (2, 3, 64, 80))  # prepacked prefix
+    assert stem._folded is not None and stem._folded[0][0] == ("oneDNN", (2, 3, 64, 80), torch.float32)  # prepacked prefix
     plain_losses, plain_grads = losses_and_grads(model, batch, False)
     for key, value in plain_losses.items():
         torch.testing.assert_close(fast_losses[key], value, atol=1e-5, rtol=1e-5, msg=key)
