@@ -12,7 +12,13 @@ Reading: ``.pth`` files with ``torch.load(weights_only=True)``, detectron2 model
 ``.pkl`` files with an unpickler that builds NumPy arrays only (see
 ``detr_d2.checkpoint.io``); ``trust_pickle=True`` (the tools' ``--trust-pickle``) lifts
 both limits. Every problem with a file is a SetupError naming the file and the fix.
+
+Layouts: a checkpoint of the reference DETR's detectron2 wrapper, of the reference DETR or of
+a transformers DETR is recognised by its keys and read under detr_d2's names
+(``detr_d2.checkpoint.layouts``; the log says which layout was read); a checkpoint of none
+of these layouts is an error naming them and the closest one.
 """
+import logging
 import os
 from collections.abc import Mapping
 
@@ -21,6 +27,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from detr_d2.checkpoint.io import atomic_write, load_checkpoint_file, load_pickle_file
+from detr_d2.checkpoint.layouts import DETR_D2, read_layout
 from detr_d2.engine.finite_checks import non_finite_tensors
 from detr_d2.errors import NonFiniteValuesError, SetupError
 
@@ -28,6 +35,7 @@ __all__ = ["AtomicDetectionCheckpointer"]
 
 LAST_CHECKPOINT = "last_checkpoint"
 BUFFERS_FROM_CONFIG = ("pixel_mean", "pixel_std")  # detectron2 ignores them when missing
+layout_logger = logging.getLogger("detectron2")
 CHECKPOINT_HINT = ("Give a checkpoint written by detr_d2/detectron2 (a run's model_*.pth, or the "
                    "output of tools/convert_detr_checkpoint.py) or a detectron2 model-zoo .pkl.")
 
@@ -169,4 +177,26 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         else:
             loaded = load_checkpoint_file(filename, self.trust_pickle, allowed_globals=())
         check_state_dict(loaded, filename)
-        return loaded if "model" in loaded else {"model": loaded}
+        checkpoint = loaded if "model" in loaded else {"model": loaded}
+        if checkpoint.get("matching_heuristics"):  # detectron2 model-zoo / Caffe2 files: matched by name
+            return checkpoint
+        return self._in_detr_d2_layout(checkpoint, filename)
+
+    def _in_detr_d2_layout(self, checkpoint, filename):
+        """``checkpoint`` with its model tensors under detr_d2's names (``read_layout``); the
+        training state of another code base's trainer (optimizer, scheduler, iteration) is
+        left out, as it does not fit this model's parameters. Logs the layout read."""
+        state = {key: torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+                 for key, value in checkpoint["model"].items()}
+        reading = read_layout(state, filename, model_keys=self.model.state_dict().keys())
+        if reading.layout is DETR_D2:
+            layout_logger.info(f"Reading {filename}: detr_d2 layout")
+            return checkpoint
+        notes = "".join(f"; {note}" for note in reading.notes)
+        layout_logger.info(f"Reading {filename}: checkpoint layout of {reading.layout.title}, "
+                           f"{len(reading.state_dict)} tensors mapped to detr_d2's names{notes}")
+        others = sorted(key for key in checkpoint if key != "model")
+        if others:
+            layout_logger.info(f"{filename}: its {', '.join(others)} entries are not restored (they belong to "
+                               f"the model layout of {reading.layout.title})")
+        return {"model": reading.state_dict, "__author__": f"{reading.layout.name} layout, read by detr_d2"}
