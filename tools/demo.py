@@ -14,6 +14,15 @@ annotated video (same container, frame count and frame rate); and one
 each record has "segmentation", the mask as COCO compressed RLE). Class names and category ids come from the metadata
 of the config's datasets (DATASETS.TRAIN, then DATASETS.TEST).
 
+With a MODEL.DETR.PANOPTIC_ON model, ``<name>.png`` draws the panoptic segmentation instead
+(detectron2's ``Visualizer.draw_panoptic_seg``: stuff labelled by class, things by class and
+score; the segments are those of MODEL.DETR.PANOPTIC_THRESHOLD, not of
+--confidence-threshold), ``<name>_segments.png`` holds the segment ids (COCO-panoptic PNG:
+id = R + 256 G + 256^2 B, 0 = no segment) and ``panoptic.json`` lists, per image,
+{"file_name", "segments_file", "segments_info": [{"id", "category_id" (the dataset's id),
+"category_name", "isthing", "score", "area"}]} under "annotations". Video frames are drawn
+the same way (no per-frame PNGs).
+
 Images may be grayscale, palette, RGBA or 16-bit and carry an EXIF orientation (drawn
 upright); images larger than 4096 px are drawn scaled down (predictions.json keeps the
 original pixels). MODEL.WEIGHTS is read without running code from the file (tensors /
@@ -46,6 +55,13 @@ from detr_d2.utils.inputs import (
     read_input_image,
 )
 from detr_d2.utils.outputs import AtomicVideoWriter, coco_records, draw_predictions, write_json, write_png
+from detr_d2.utils.panoptic_outputs import (
+    draw_panoptic,
+    draw_panoptic_frame,
+    panoptic_drawing_metadata,
+    panoptic_record,
+    write_segment_id_png,
+)
 from detr_d2.utils.predictor import BatchPredictor, confident
 from detr_d2.utils.tool_setup import (
     EXIT_INPUT_FAILED,
@@ -60,6 +76,7 @@ from detr_d2.utils.tool_setup import (
 )
 
 PREDICTIONS_FILE = "predictions.json"
+PANOPTIC_FILE = "panoptic.json"
 FALLBACK_FPS = 30.0  # for videos that do not state their frame rate
 
 logger = logging.getLogger("detectron2")
@@ -98,7 +115,10 @@ class DemoRun:
         self.threshold = threshold
         self.batch_size = batch_size
         self.output_paths = output_paths
+        self.panoptic_metadata = (panoptic_drawing_metadata(metadata, predictor.num_classes)
+                                  if predictor.panoptic else None)
         self.records = []
+        self.panoptic_records = []
         self.failures = []
 
     def fail(self, path, reason):
@@ -114,10 +134,20 @@ class DemoRun:
                 self.fail(path, str(error))
                 progress.update()
 
-    def _save_image_result(self, path, image, detections):
+    def _save_image_result(self, path, image, output):
+        """The drawing of ``output`` (the model's output for the image) and its records."""
         rgb = convert_image_to_rgb(image, self.predictor.image_format)
-        write_png(self.output_paths.path_for(path, ".png"), draw_predictions(rgb, detections, self.metadata,
-                                                                                  scale=self.draw_scale))
+        detections = confident(output["instances"], self.threshold)
+        drawing_path = self.output_paths.path_for(path, ".png")
+        if "panoptic_seg" in output:
+            segments_path = self.output_paths.path_for(path, "_segments.png")
+            write_segment_id_png(segments_path, output["panoptic_seg"][0])
+            self.panoptic_records.append(panoptic_record(output["panoptic_seg"], path, os.path.basename(segments_path),
+                                                         self.panoptic_metadata))
+            drawing = draw_panoptic(rgb, output["panoptic_seg"], self.panoptic_metadata, scale=self.draw_scale)
+        else:
+            drawing = draw_predictions(rgb, detections, self.metadata, scale=self.draw_scale)
+        write_png(drawing_path, drawing)
         self.records.extend(coco_records(detections, path, self.metadata))
 
     def run_on_images(self, paths):
@@ -125,19 +155,22 @@ class DemoRun:
         with tqdm(total=len(paths), desc="images", unit="image", disable=len(paths) < 2) as progress:
             for batch in batched(self._readable_images(paths, progress), self.batch_size):
                 batch_paths, images = zip(*batch)
-                for path, image, instances in zip(batch_paths, images, self.predictor(list(images))):
-                    self._save_image_result(path, image, confident(instances, self.threshold))
+                for path, image, output in zip(batch_paths, images, self.predictor.outputs(list(images))):
+                    self._save_image_result(path, image, output)
                     progress.update()
 
     def _annotate_frames(self, path, frames, writer, progress):
         """Draw each frame's detections into ``writer`` and record them; the frame count."""
-        visualizer = VideoVisualizer(self.metadata)
+        visualizer = VideoVisualizer(self.panoptic_metadata or self.metadata)
         count = 0
         for batch in batched(frames, self.batch_size):
             images = [frame_in_format(frame, self.predictor.image_format) for frame in batch]
-            for frame, instances in zip(batch, self.predictor(images)):
-                detections = confident(instances, self.threshold)
-                writer.write(visualizer.draw_instance_predictions(frame[:, :, ::-1], detections).get_image())
+            for frame, output in zip(batch, self.predictor.outputs(images)):
+                detections = confident(output["instances"], self.threshold)
+                if "panoptic_seg" in output:
+                    writer.write(draw_panoptic_frame(visualizer, frame[:, :, ::-1], output["panoptic_seg"]))
+                else:
+                    writer.write(visualizer.draw_instance_predictions(frame[:, :, ::-1], detections).get_image())
                 self.records.extend(coco_records(detections, path, self.metadata, frame=count))
                 count += 1
                 progress.update()
@@ -184,7 +217,7 @@ def main(argv=None):
     paths, pattern_failures = expand_inputs(args.input)
     predictor = BatchPredictor(cfg, trust_pickle=args.trust_pickle)
     check_class_count(metadata, predictor.num_classes)
-    output_paths = OutputPaths(make_output_folder(args.output), paths, reserved={PREDICTIONS_FILE})
+    output_paths = OutputPaths(make_output_folder(args.output), paths, reserved={PREDICTIONS_FILE, PANOPTIC_FILE})
     run = DemoRun(predictor, metadata, args.confidence_threshold, args.batch_size, output_paths,
                   args.draw_scale)
     for failure in pattern_failures:
@@ -193,6 +226,8 @@ def main(argv=None):
     for path in filter(is_video, paths):
         run.run_on_video(path)
     write_json(os.path.join(args.output, PREDICTIONS_FILE), run.records)
+    if predictor.panoptic:
+        write_json(os.path.join(args.output, PANOPTIC_FILE), {"annotations": run.panoptic_records})
     return report(run, len(paths) + len(pattern_failures), args.output)
 
 

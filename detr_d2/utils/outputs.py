@@ -74,9 +74,13 @@ def write_json(path, data):
 
 def _dataset_category_ids(metadata):
     """contiguous class index -> the dataset's category id, or None if the metadata has
-    no ``thing_dataset_id_to_contiguous_id`` (then the index is the id)."""
+    no ``thing_dataset_id_to_contiguous_id`` (then the index is the id); a panoptic
+    dataset's stuff classes from its ``stuff_dataset_id_to_contiguous_id``."""
     mapping = metadata.get("thing_dataset_id_to_contiguous_id")
-    return {index: dataset_id for dataset_id, index in mapping.items()} if mapping else None
+    if not mapping:
+        return None
+    mapping = {**metadata.get("stuff_dataset_id_to_contiguous_id", {}), **mapping}
+    return {index: dataset_id for dataset_id, index in mapping.items()}
 
 
 def coco_records(instances, file_name, metadata, **extra):

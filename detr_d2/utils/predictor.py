@@ -72,10 +72,26 @@ class BatchPredictor:
         chw = torch.as_tensor(aug_input.image.transpose(2, 0, 1).copy())
         return {"image": chw, "height": height, "width": width}
 
-    def __call__(self, images):
-        """One CPU ``Instances`` per image with every query: ``pred_boxes`` (xyxy, absolute
-        pixels of the original image), ``scores``, ``pred_classes`` (contiguous ids)."""
+    @property
+    def panoptic(self):
+        """Whether the model gives ``panoptic_seg`` (MODEL.DETR.PANOPTIC_ON)."""
+        return getattr(self.model, "panoptic", None) is not None
+
+    def outputs(self, images):
+        """The model's output dict per image, on the CPU: "instances" (see ``__call__``) and,
+        with ``panoptic``, "panoptic_seg" (segment ids [H, W] of the original image,
+        segments_info)."""
         inputs = [self.model_input(image) for image in images]
         with torch.no_grad(), self.autocast():
             outputs = self.model(inputs)
-        return [output["instances"].to("cpu") for output in outputs]
+        for output in outputs:
+            output["instances"] = output["instances"].to("cpu")
+            if "panoptic_seg" in output:
+                seg, segments_info = output["panoptic_seg"]
+                output["panoptic_seg"] = (seg.cpu(), segments_info)
+        return outputs
+
+    def __call__(self, images):
+        """One CPU ``Instances`` per image with every query: ``pred_boxes`` (xyxy, absolute
+        pixels of the original image), ``scores``, ``pred_classes`` (contiguous ids)."""
+        return [output["instances"] for output in self.outputs(images)]
