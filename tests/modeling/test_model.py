@@ -162,9 +162,12 @@ SHIPPED_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_every_shipped_config_loads_and_builds_a_model(name):
     """Each YAML under configs/ resolves its _BASE_ chain with only known keys and builds a
-    Detr (NUM_CLASSES 2 where the config leaves it to the data)."""
+    Detr (NUM_CLASSES 2 and, for a panoptic config, class 0 a thing, where the config
+    leaves them to the data)."""
     cfg = merged_config(name)
     if cfg.MODEL.DETR.NUM_CLASSES is None:
         cfg.MODEL.DETR.NUM_CLASSES = 2
+    if cfg.MODEL.DETR.PANOPTIC_ON and cfg.MODEL.DETR.PANOPTIC_THING_IDS is None:
+        cfg.MODEL.DETR.PANOPTIC_THING_IDS = [0]
     model = build_model(cfg)
     assert model.class_embed.out_features == cfg.MODEL.DETR.NUM_CLASSES + 1
