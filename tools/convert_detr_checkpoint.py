@@ -1,46 +1,182 @@
 #!/usr/bin/env python
-"""Convert a reference DETR checkpoint (facebookresearch/detr) for detr_d2.
+"""Convert a DETR checkpoint for detr_d2, or a detr_d2 checkpoint to a transformers model folder.
 
     python tools/convert_detr_checkpoint.py --source detr-r50-e632da11.pth --output detr_r50.pth
     python tools/convert_detr_checkpoint.py --source REF.pth --output OUT.pth --drop-class-head
+    python tools/convert_detr_checkpoint.py --source WRAPPER_model_final.pth --output OUT.pth
+    python tools/convert_detr_checkpoint.py --source detr-resnet-50/ --output detr_r50_hf.pth
+    python tools/convert_detr_checkpoint.py --to transformers --source OUT.pth --config-file CFG \\
+        --output my-detr/
 
-The output loads with ``MODEL.WEIGHTS OUT.pth`` into the model of the matching config
-(configs/detr_r50.yaml, detr_r50_dc5.yaml, detr_r101.yaml, detr_r101_dc5.yaml). It is
-written atomically: an interrupted run never leaves a half-written file.
+--source: a checkpoint of the reference DETR (facebookresearch/detr), of its detectron2
+wrapper (d2/: its converter's and its trainer's files), of detr_d2, or a Hugging Face
+transformers DetrForObjectDetection / DetrForSegmentation (a folder with config.json and
+model.safetensors or pytorch_model.bin, or the weights file alone); the layout is detected
+from the keys. The output loads with ``MODEL.WEIGHTS OUT.pth`` into the model of the
+matching config. From a transformers model the tool also writes that config (OUT.yaml,
+MODEL.WEIGHTS set) and the class names of its id2label (OUT.metadata.json, read by
+tools/demo.py and evaluation when no dataset names the classes).
+
+--to transformers writes config.json, model.safetensors and preprocessor_config.json of the
+transformers DETR computing what the --config-file model computes with --source's weights.
+Files are written atomically: an interrupted run never leaves a half-written file.
 """
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from detr_d2.checkpoint import atomic_torch_save, convert_state_dict, extract_state_dict, load_checkpoint_file
+import detr_d2  # noqa: F401  (compat fixes, registers Detr)
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from detr_d2 import add_detr_config
+from detr_d2.checkpoint import atomic_torch_save, atomic_write
+from detr_d2.checkpoint.class_names import read_class_metadata, write_class_metadata
+from detr_d2.checkpoint.layouts import TRANSFORMERS, read_layout
+from detr_d2.checkpoint.sources import read_source, write_transformers_folder
+from detr_d2.checkpoint.transformers_config import (
+    backbone_format,
+    detr_d2_options,
+    preprocessor_config,
+    transformers_config,
+)
+from detr_d2.checkpoint.transformers_layout import detr_d2_to_transformers, resnet_spec
+from detr_d2.engine import merge_config
 from detr_d2.errors import SetupError
+
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-DETR.yaml"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="reference checkpoint (.pth)")
-    parser.add_argument("--output", required=True, help="converted checkpoint to write (.pth)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", required=True,
+                        help="checkpoint (.pth, .bin, .safetensors) or transformers model folder")
+    parser.add_argument("--output", required=True,
+                        help="converted checkpoint to write (.pth); with --to transformers a folder")
+    parser.add_argument("--to", choices=("detr_d2", "transformers"), default="detr_d2",
+                        help="what to write (default: %(default)s)")
+    parser.add_argument("--config-file", metavar="FILE",
+                        help="with --to transformers: the detr_d2 config of the --source model")
+    parser.add_argument("--backbone-format", choices=("auto", "timm", "transformers"), default="auto",
+                        help="with --to transformers: timm ResNet (standard ResNets; the Hub's DETR models) or "
+                             "transformers' ResNetBackbone (any widths); auto: timm when the ResNet is standard")
     parser.add_argument("--drop-class-head", action="store_true",
                         help="leave the class head out, to fine-tune on other classes")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow arbitrary pickled objects in --source (runs code from the file; "
                              "only for files whose origin you trust)")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
+                        help="with --to transformers: overrides of --config-file")
     return parser.parse_args(argv)
+
+
+def say(text):
+    print(f"convert_detr_checkpoint: {text}")
+
+
+# ---------------------------------------------------------------- to detr_d2
+def set_option(cfg, key, value):
+    """``cfg.<key> = value`` in the type of the key's default (5 -> 5.0 for a float key)."""
+    node = cfg
+    *parents, leaf = key.split(".")
+    for name in parents:
+        node = node[name]
+    default = node[leaf]
+    if isinstance(default, (float, tuple, list, str)) or isinstance(default, int) and not isinstance(default, bool):
+        value = type(default)(value)
+    node[leaf] = value
+
+
+def write_config(path, reading, source, weights_path):
+    """The detr_d2 config of a converted transformers model, written to ``path``."""
+    options, notes = detr_d2_options(reading.state_dict, any(k.startswith("mask_head.") for k in reading.state_dict),
+                                     source.hf_config, source.preprocessor)
+    cfg = add_detr_config(get_cfg())
+    cfg.merge_from_file(str(BASE_CONFIG))
+    for key, value in options:
+        set_option(cfg, key, value)
+    cfg.MODEL.WEIGHTS = os.path.abspath(weights_path)
+    coco = reading.class_names is not None and len(reading.class_names) == 80 and reading.dataset_ids[0] == 1
+    if not coco:  # classes of no registered dataset: none to check against, names from the metadata file
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ()
+    atomic_write(path, lambda f: f.write(cfg.dump()), binary=False)
+    return notes
+
+
+def to_detr_d2(args):
+    source = read_source(args.source, trust_pickle=args.trust_pickle)
+    id2label = (source.hf_config or {}).get("id2label")
+    reading = read_layout(source.state_dict, args.source, drop_class_head=args.drop_class_head, id2label=id2label)
+    atomic_torch_save({"model": reading.state_dict, "__author__": "detr_d2 convert_detr_checkpoint",
+                       "matching_heuristics": False}, args.output)
+    say(f"read the checkpoint layout of {reading.layout.title}")
+    for note in reading.notes:
+        say(note)
+    say(f"wrote {len(reading.state_dict)} tensors to {args.output}")
+    if reading.class_names is not None:
+        say(f"wrote the {len(reading.class_names)} class names to "
+            f"{write_class_metadata(args.output, reading.class_names, reading.dataset_ids, args.source)}")
+    if reading.layout is TRANSFORMERS and not args.drop_class_head:
+        config_path = os.path.splitext(args.output)[0] + ".yaml"
+        for note in write_config(config_path, reading, source, args.output):
+            say(note)
+        say(f"wrote its config to {config_path}: python tools/demo.py --config-file {config_path} --input IMAGES "
+            "--output DIR")
+
+
+# ---------------------------------------------------------------- to transformers
+def export_config(args, state_dict):
+    if not args.config_file:
+        raise SetupError("--to transformers needs --config-file: the detr_d2 config of the --source model")
+    cfg = merge_config(add_detr_config(get_cfg()), args.config_file, args.opts)
+    if "class_embed.weight" not in state_dict:
+        raise SetupError(f"{args.source} has no class head (class_embed) to export")
+    if cfg.MODEL.DETR.NUM_CLASSES is None:
+        cfg.MODEL.DETR.NUM_CLASSES = state_dict["class_embed.weight"].shape[0] - 1
+    has_masks = any(key.startswith("mask_head.") for key in state_dict)
+    if has_masks != bool(cfg.MODEL.MASK_ON):
+        raise SetupError(f"{args.source} {'has' if has_masks else 'has no'} mask head but {args.config_file} has "
+                         f"MODEL.MASK_ON {cfg.MODEL.MASK_ON}; give the config the model was trained with")
+    return cfg
+
+
+def class_names_for_export(args, cfg, num_classes):
+    """The names beside --source, else of the config's datasets, else LABEL_i."""
+    found = read_class_metadata(args.source)
+    if found and len(found[0]) == num_classes:
+        return found[0]
+    for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
+        names = MetadataCatalog.get(name).get("thing_classes", None) if name in DatasetCatalog.list() else None
+        if names and len(names) == num_classes:
+            return list(names)
+    say(f"no class names found (beside {args.source} or in the config's datasets): labels LABEL_0 ...")
+    return [f"LABEL_{i}" for i in range(num_classes)]
+
+
+def to_transformers(args):
+    source = read_source(args.source, trust_pickle=args.trust_pickle)
+    reading = read_layout(source.state_dict, args.source)
+    state_dict = reading.state_dict
+    cfg = export_config(args, state_dict)
+    flavour = backbone_format(cfg, resnet_spec(state_dict)) if args.backbone_format == "auto" else args.backbone_format
+    names = class_names_for_export(args, cfg, state_dict["class_embed.weight"].shape[0] - 1)
+    config = transformers_config(cfg, state_dict, names, flavour)
+    hf_state = detr_d2_to_transformers(state_dict, bool(cfg.MODEL.MASK_ON), flavour)
+    write_transformers_folder(args.output, hf_state, config, preprocessor_config(cfg))
+    say(f"read the checkpoint layout of {reading.layout.title}")
+    say(f"wrote {config['architectures'][0]} ({flavour} ResNet backbone, {len(names)} classes, {len(hf_state)} "
+        f"tensors) to {args.output}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        checkpoint = load_checkpoint_file(args.source, trust_pickle=args.trust_pickle)
-        state_dict, report = convert_state_dict(extract_state_dict(checkpoint, args.source),
-                                                drop_class_head=args.drop_class_head, source=args.source)
+        (to_transformers if args.to == "transformers" else to_detr_d2)(args)
     except SetupError as error:
         print(f"convert_detr_checkpoint: error: {error}", file=sys.stderr)
         return 2
-    atomic_torch_save({"model": state_dict, "__author__": "detr_d2 convert_detr_checkpoint",
-                       "matching_heuristics": False}, args.output)
-    for note in report["notes"]:
-        print(f"convert_detr_checkpoint: {note}")
-    print(f"convert_detr_checkpoint: wrote {len(state_dict)} tensors to {args.output}")
     return 0
 
 

@@ -78,7 +78,7 @@ def test_resnet_key_renaming_and_depth_detection():
 
 @pytest.mark.parametrize("content, message", [
     ({"state_dict": {"a": torch.zeros(1)}}, "expected a dict with a 'model'"),
-    ({"model": {"conv.weight": torch.zeros(1)}}, "no DETR transformer"),
+    ({"model": {"conv.weight": torch.zeros(1)}}, "fit none of the checkpoint layouts"),
 ])
 def test_not_a_detr_checkpoint_is_a_clear_error(tmp_path, content, message):
     source, output = tmp_path / "in.pth", tmp_path / "out.pth"
