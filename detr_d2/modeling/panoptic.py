@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from detr_d2.modeling.float32 import float32_island
 from detr_d2.modeling.postprocess import requested_size
 
 # A kept query whose segment has at most this many pixels at the output size is dropped.
@@ -96,9 +97,11 @@ def output_index_map(mask_logits, output_size, merged_groups=()):
     return index_map, areas
 
 
+@float32_island
 def panoptic_segmentation(logits, mask_logits, image_size, output_size, is_thing, threshold,
                           padded_size=None):
-    """One image's panoptic segmentation, as the reference's ``PostProcessPanoptic``.
+    """One image's panoptic segmentation, as the reference's ``PostProcessPanoptic``
+    (in float32, also when the model runs under autocast).
 
     Args:
         logits: [Q, K+1] class logits (last column "no object").

@@ -140,3 +140,17 @@ def test_without_panoptic_on_there_is_no_panoptic_seg():
     with torch.no_grad():
         result = model([{"image": torch.zeros((3, 64, 64), dtype=torch.uint8)}])[0]
     assert "panoptic_seg" not in result and model.panoptic is None
+
+
+def test_panoptic_seg_under_bfloat16_autocast(user_panoptic_set):
+    """Inference under autocast (TEST.AMP.ENABLED): the post-processing runs in float32 on
+    the 16-bit mask logits and gives the same format."""
+    cfg = built(*PANOPTIC, "DATASETS.TRAIN", f"('{user_panoptic_set}',)", "DATASETS.TEST", "()",
+                "MODEL.DETR.PANOPTIC_THRESHOLD", "0.0")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        seg, segments_info = model([{"image": torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)}])[0]["panoptic_seg"]
+    assert seg.dtype == torch.int32 and seg.shape == (64, 96) and segments_info
+    assert set(torch.unique(seg).tolist()) == {s["id"] for s in segments_info}
+    assert all(isinstance(s["score"], float) for s in segments_info)
