@@ -4,8 +4,9 @@ tools/convert_detr_checkpoint.py writes ``<weights without .pth>.metadata.json``
 source names its classes (a transformers model's ``id2label``; COCO heads reduced to
 detectron2's contiguous classes): ``{"thing_classes": [names in contiguous order],
 "thing_dataset_id_to_contiguous_id": {"<source label id>": contiguous id}, "source": ...}``.
-tools/demo.py and evaluation take the names from it when no dataset of the config has
-``thing_classes`` (``metadata_beside_weights``).
+tools/demo.py (``metadata_beside_weights``) and evaluation (``fill_missing_class_names``)
+take the names from it when no dataset of the config, or the evaluated one, has
+``thing_classes``.
 """
 import json
 import logging
@@ -15,7 +16,8 @@ from detectron2.data import MetadataCatalog
 
 from detr_d2.checkpoint.io import atomic_write
 
-__all__ = ["metadata_beside_weights", "metadata_path", "read_class_metadata", "write_class_metadata"]
+__all__ = ["fill_missing_class_names", "metadata_beside_weights", "metadata_path", "read_class_metadata",
+           "write_class_metadata"]
 
 logger = logging.getLogger("detectron2")
 SUFFIX = ".metadata.json"
@@ -71,3 +73,20 @@ def metadata_beside_weights(weights_path, num_classes=None):
         metadata.set(thing_classes=names, thing_dataset_id_to_contiguous_id=ids or {i: i for i in range(len(names))})
     logger.info(f"Class names from {metadata_path(weights_path)} ({len(names)} classes)")
     return metadata
+
+
+def fill_missing_class_names(cfg, dataset_name):
+    """Give ``dataset_name`` the class names written beside MODEL.WEIGHTS when its metadata
+    names no classes (and their count is MODEL.DETR.NUM_CLASSES); evaluators read them."""
+    metadata = MetadataCatalog.get(dataset_name)
+    if metadata.get("thing_classes", None):
+        return
+    found = read_class_metadata(cfg.MODEL.WEIGHTS)
+    if found is None or len(found[0]) != cfg.MODEL.DETR.NUM_CLASSES:
+        return
+    names, ids = found
+    metadata.set(thing_classes=names)
+    if not metadata.get("thing_dataset_id_to_contiguous_id", None):
+        metadata.set(thing_dataset_id_to_contiguous_id=ids or {i: i for i in range(len(names))})
+    logger.info(f"Dataset {dataset_name!r} names no classes: using the {len(names)} names of "
+                f"{metadata_path(cfg.MODEL.WEIGHTS)}")

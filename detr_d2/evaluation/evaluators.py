@@ -28,6 +28,7 @@ from detectron2.evaluation import (
 )
 
 from detr_d2 import compat
+from detr_d2.checkpoint.class_names import fill_missing_class_names
 from detr_d2.errors import SetupError
 from detr_d2.evaluation.fast_coco_eval import FasterCOCOeval
 
@@ -78,8 +79,10 @@ def _tasks(cfg):
 
 def detection_evaluator(cfg, dataset_name, output_dir):
     """The detectron2 evaluator of ``dataset_name``'s ``evaluator_type`` (see the module doc);
-    COCO, LVIS and COCO-panoptic write their predictions into ``output_dir``."""
+    COCO, LVIS and COCO-panoptic write their predictions into ``output_dir``. A set that names
+    no classes gets those written beside MODEL.WEIGHTS (``fill_missing_class_names``)."""
     kind = evaluator_type(dataset_name)
+    fill_missing_class_names(cfg, dataset_name)
     if kind == "coco_panoptic_seg":
         _check_panoptic_output(cfg, dataset_name)
         return COCOPanopticEvaluator(dataset_name, output_dir=output_dir)

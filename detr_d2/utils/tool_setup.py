@@ -14,6 +14,7 @@ import sys
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
+from detr_d2.checkpoint.class_names import metadata_beside_weights
 from detr_d2.errors import SetupError
 
 __all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "check_class_count", "fraction", "input_size",
@@ -63,11 +64,16 @@ def _has_class_names(name):
 def metadata_with_class_names(cfg):
     """The Metadata of the first dataset of DATASETS.TRAIN, then DATASETS.TEST, that has
     class names (``thing_classes``, and ``thing_dataset_id_to_contiguous_id`` for COCO
-    json); without any, metadata with no names (drawings then show class indices)."""
+    json); else the class names written beside MODEL.WEIGHTS by
+    tools/convert_detr_checkpoint.py; without any, metadata with no names (drawings then
+    show class indices)."""
     names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
     for name in names:
         if _has_class_names(name):
             return MetadataCatalog.get(name)
+    beside_weights = metadata_beside_weights(cfg.MODEL.WEIGHTS, cfg.MODEL.DETR.NUM_CLASSES)
+    if beside_weights is not None:
+        return beside_weights
     logger.warning("No dataset of the config has class names; labels show class indices")
     return MetadataCatalog.get(NO_DATASET)
 
