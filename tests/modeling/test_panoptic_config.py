@@ -3,7 +3,7 @@ dataset's metadata by build_config, and the model's panoptic_seg output in detec
 format (real configs, real detectron2 metadata; no dataset files are read)."""
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_panoptic
 from detectron2.modeling import build_model
 
