@@ -142,6 +142,10 @@ def _check_exportable(cfg, spec, flavour):
         raise ConversionError("transformers' DETR cannot hold this model: it needs " + "; ".join(problems))
 
 
+def _json_number(value, integral_as_int):
+    return int(value) if integral_as_int and float(value).is_integer() else float(value)
+
+
 def transformers_config(cfg, state_dict, class_names, flavour):
     """The ``config.json`` dict of the transformers DETR computing what ``cfg``'s model with
     the detr_d2 weights ``state_dict`` computes."""
@@ -162,7 +166,9 @@ def transformers_config(cfg, state_dict, class_names, flavour):
         "id2label": {str(i): name for i, name in enumerate(class_names)},
         "label2id": {name: i for i, name in enumerate(class_names)},
     }
-    config.update((theirs, getattr(detr, ours)) for ours, theirs in _LOSS_KEYS if ours != "DROPOUT")
+    # transformers 5 types the costs and loss coefficients as int (eos_coefficient float)
+    config.update((theirs, _json_number(getattr(detr, ours), theirs != "eos_coefficient"))
+                  for ours, theirs in _LOSS_KEYS if ours != "DROPOUT")
     if flavour == TIMM:
         config.update(use_timm_backbone=True, backbone=f"resnet{spec['depth']}", backbone_config=None)
     else:
