@@ -9,7 +9,7 @@ from torch import nn
 from detr_d2.modeling.backbone import MaskedBackbone, undilate_first_res5_block
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh
 from detr_d2.modeling.criterion import SetCriterion
-from detr_d2.modeling.float32 import in_current_autocast
+from detr_d2.modeling.float32 import float32_island, in_current_autocast
 from detr_d2.modeling.mask_head import NUM_LEVELS, MaskHead, mask_head_levels
 from detr_d2.modeling.mlp import MLP
 from detr_d2.modeling.panoptic import add_panoptic_segmentation, build_panoptic_postprocess
@@ -180,6 +180,14 @@ class Detr(nn.Module):
         """(query embeddings [Q, C], decoder self-attention mask [Q, Q] bool or None)."""
         return self.query_embed.weight, None
 
+    @float32_island
+    def heads(self, hidden):
+        """Decoder outputs [L, B, Q, C] -> (logits [L, B, Q, K+1], boxes [L, B, Q, 4] normalised
+        cxcywh). In float32 under autocast too: rounded to bfloat16, near-equal class logits
+        became equal (ties flipped the top-1 label of the reference fixtures); the heads
+        are a few small matmuls."""
+        return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid()
+
     def predict(self, images):
         """ImageList -> (logits [L, B, Q, K+1], boxes [L, B, Q, 4] normalised cxcywh), one
         entry per decoder layer, the last being the final prediction (Q: see ``queries``)."""
@@ -187,7 +195,7 @@ class Detr(nn.Module):
         pos = self.position_embedding(mask).to(features.dtype)
         query_embed, query_attn_mask = self.queries()
         hidden = self.transformer(self.input_proj(features), mask, query_embed, pos, query_attn_mask)
-        return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid()
+        return self.heads(hidden)
 
     def predict_with_mask_inputs(self, images):
         """As ``predict``, plus what the mask head reads: (logits, boxes, mask_inputs), the
@@ -200,7 +208,7 @@ class Detr(nn.Module):
         projected = self.input_proj(features)
         hidden, memory = self.transformer.encode_decode(projected, mask, query_embed, pos, query_attn_mask)
         mask_inputs = (hidden[-1], memory, projected, mask, levels)
-        return self.class_embed(hidden), self.bbox_embed(hidden).sigmoid(), mask_inputs
+        return (*self.heads(hidden), mask_inputs)
 
     def predict_with_masks(self, images):
         """As ``predict``, plus the mask head's logits [B, Q, h2, w2] (res2 size of the padded

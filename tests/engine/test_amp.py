@@ -135,7 +135,8 @@ def test_training_under_bf16_runs_convs_and_matmuls_in_bf16_and_losses_and_match
     attention = {n: d for n, d in layers.dtypes.items() if n.startswith("transformer.")}
     assert backbone_convs and set(backbone_convs.values()) == {BF16}
     assert attention and set(attention.values()) == {BF16}
-    assert layers.dtypes["class_embed"] == BF16 and layers.dtypes["input_proj"] == BF16
+    assert layers.dtypes["input_proj"] == BF16
+    assert layers.dtypes["class_embed"] == torch.float32 == layers.dtypes["bbox_embed.layers.2"]  # fp32 heads
     assert matcher_inputs == [(torch.float32, torch.float32)]
     assert {v.dtype for v in losses[0].values()} == {torch.float32}
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -151,7 +152,8 @@ def test_inference_under_bf16_gives_float32_results_close_to_float32():
         reference = model(images)
         with precision.inference_autocast(tiny_cfg("TEST.AMP.ENABLED", True)):
             results = model(images)
-    assert layers.dtypes["class_embed"] == BF16
+    assert layers.dtypes["transformer.decoder.layers.0.linear2"] == BF16
+    assert layers.dtypes["class_embed"] == torch.float32
     for ref, out in zip(reference, results):
         a, b = ref["instances"], out["instances"]
         assert b.scores.dtype == torch.float32 and b.pred_boxes.tensor.dtype == torch.float32
@@ -166,7 +168,7 @@ def test_trainer_test_evaluates_under_test_amp(datasets_root, tmp_path):
             "DATASETS.TEST", "('amp_val',)"]
     model = tiny_model().eval()
     seen = []
-    model.class_embed.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    model.input_proj.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     for amp, expected in (("False", torch.float32), ("True", BF16)):
         cfg = build_config(str(TINY_CONFIG), [*opts, "TEST.AMP.ENABLED", amp])
         seen.clear()
@@ -188,11 +190,12 @@ def test_nan_weights_under_bf16_stop_with_the_float32_message():
 
 
 def test_float16_overflow_stops_with_the_same_message():
-    """1e5 fits float32 and bfloat16 but not float16 (max 65504): the float16 class head overflows."""
+    """1e5 fits float32 and bfloat16 but not float16 (max 65504): the float16 input projection
+    overflows, and the predictions after it are NaN."""
     model = tiny_model(*FROZEN)
     install_output_check(model)
     with torch.no_grad():
-        model.class_embed.bias[0] = 1e5
+        model.input_proj.bias[0] = 1e5
     run_steps(amp_trainer(model, fixed_batches(1), BF16), 1)  # bf16: finite
     trainer = amp_trainer(model, fixed_batches(1), FP16)
     with pytest.raises(NonFiniteValuesError, match=r"non-finite loss terms loss_ce"):
