@@ -15,10 +15,14 @@ every parameter, buffer and name (state dicts and checkpoints are unchanged):
   random words (``fast_dropout``; drop probability quantised to 1/65536, another random
   stream than torch's).
 
+Under CPU autocast to bfloat16 (SOLVER.AMP / TEST.AMP, ``detr_d2.engine.precision``) the
+prepacked ResNet convolutions compute in bfloat16 (weights folded in float32, rounded once)
+and folded weights that need no gradient are kept in bfloat16, so autocast does not cast
+them at every call; everything else is autocast's own choice.
+
 Outputs equal the plain model's up to float rounding (except training's dropout masks).
 ``set_fast_paths(model, False)`` switches all of it off again for one model, e.g. for
-export or mixed precision; MODEL.DETR.FAST_PATHS decides at build time
-(``detr_d2.engine.build_model``).
+export; MODEL.DETR.FAST_PATHS decides at build time (``detr_d2.engine.build_model``).
 """
 from torch import nn
 

@@ -17,7 +17,8 @@ On the CPU, ``FrozenNormConv2d.prepacked_forward`` / ``prepacked_add_`` run the 
 convolution as one oneDNN call on a weight reordered once into oneDNN's blocked layout
 (kept in the same cache slot, for one input shape at a time), with the ReLU, or the
 residual addition, done by the convolution itself (oneDNN post-ops): see
-``prepacked_resnet``.
+``prepacked_resnet``. Under autocast, kept folds are stored in autocast's dtype (bfloat16
+on the CPU) and prepacked weights in the input's dtype.
 """
 import torch
 import torch.nn.functional as F
