@@ -271,3 +271,20 @@ def test_evaluation_of_a_set_without_class_names_takes_them_from_the_weights(con
         else:  # without the names file, detectron2's COCOEvaluator cannot describe the set
             with pytest.raises(AttributeError, match="thing_classes"):
                 detection_evaluator(cfg, name, str(tmp_path / name))
+
+
+def test_dilated_timm_resnet50_is_read_as_a_dc5_model(tmp_path):
+    """config.json's dilation (the Hub's detr-resnet-50-dc5): RES5_DILATION 2 with the first
+    res5 block undilated, as timm and torchvision build it."""
+    config = transformers.DetrConfig(use_timm_backbone=True, backbone="resnet50", dilation=True,
+                                     use_pretrained_backbone=False, d_model=64, encoder_layers=1, decoder_layers=1,
+                                     encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5, num_labels=2, dropout=0.0)
+    torch.manual_seed(0)
+    hf = transformers.DetrForObjectDetection(config).eval()
+    randomise_frozen_batch_norms(hf)
+    hf.save_pretrained(tmp_path / "dc5")
+    run_cli("--source", tmp_path / "dc5", "--output", tmp_path / "dc5.pth")
+    model = detr_d2_model(tmp_path / "dc5.yaml", tmp_path / "dc5.pth")
+    assert model.backbone.body.res5[1].conv2.dilation == (2, 2) and model.backbone.body.res5[0].conv2.dilation == (1, 1)
+    pixels, mask = padded_inputs()
+    assert_outputs_close(detr_d2_outputs(model, pixels), hf_outputs(hf, pixels, mask))
