@@ -182,3 +182,31 @@ def test_checkpoint_of_no_known_layout_is_one_error_naming_layouts_and_closest(f
     assert "config" not in message.lower()
     result = convert_with_cli(path, tmp_path / "out.pth")
     assert result.returncode == 2 and "closest: wrapper" in result.stderr
+
+
+def wrapper_converter_key(reference_key):
+    """What the wrapper's converter makes of any reference key: in a key holding "backbone",
+    ``backbone.0.body.`` is dropped, ``stem.`` put before keys without "layer", layerN ->
+    res{N+1}, bnK -> convK.norm, downsample.0/1 -> shortcut(.norm), then ``backbone.0.backbone.``
+    put before; every key then gets ``detr.``. (On a DETRsegm checkpoint, whose detector keys
+    start with ``detr.``, this nests the backbone names.)"""
+    key = reference_key
+    if "backbone" in key:
+        key = key.replace("backbone.0.body.", "")
+        key = key if "layer" in key else "stem." + key
+        for pattern, replacement in TORCHVISION_TO_DETECTRON2[2:]:
+            key = re.sub(pattern.lstrip("^"), replacement, key)
+        key = "backbone.0.backbone." + key
+    return "detr." + key
+
+
+def test_wrapper_converter_output_of_a_segmentation_checkpoint_is_read(tmp_path):
+    reference = reference_model_state(SEGM)
+    source = tmp_path / "segm_wrapper_converter.pth"
+    torch.save({"model": {wrapper_converter_key(key): value for key, value in reference.items()}}, source)
+    assert any(".backbone.0.backbone.stem.detr.conv1." in key for key in torch.load(source, weights_only=True)["model"])
+    ours, theirs = tmp_path / "w.pth", tmp_path / "r.pth"
+    assert convert_with_cli(source, ours).returncode == 0
+    assert convert_with_cli(fixture_dir(SEGM) / "checkpoint.pth", theirs).returncode == 0
+    ours, theirs = (torch.load(p, weights_only=True)["model"] for p in (ours, theirs))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
