@@ -57,3 +57,15 @@ def test_data_and_train_on_the_config_datasets(datasets_root):
         result = run_python([BENCHMARK, *COMMON, "--task", task, "SOLVER.IMS_PER_BATCH", "1"], datasets_root)
         assert result.returncode == 0, result.stderr
         assert set(medians(result.stdout)) == {variant}
+
+
+def test_mixed_precision_is_timed_beside_float32(benchmark, capsys):
+    output = run_in_process(benchmark, capsys, "--task", "eval", "--input-size", "64x80")
+    assert re.search(r"^ *fast: median [0-9.]+ s/iter", output, re.MULTILINE)
+    assert re.search(r"^ *fast bf16: median [0-9.]+ s/iter", output, re.MULTILINE)
+    assert "ratio fast bf16/fast:" in output
+    score, box = map(float, re.search(r"largest difference fast bf16 vs fast: score ([0-9.e+-]+), "
+                                      r"box / image side ([0-9.e+-]+)", output).groups())
+    assert 0 < score < 0.05 and box < 0.05  # bf16 differs from fp32, a little
+    only_amp = run_in_process(benchmark, capsys, "--task", "train", "--input-size", "64x80", "--precision", "amp")
+    assert re.findall(r"^ *(\S+(?: bf16)?): median", only_amp, re.MULTILINE) == ["fast bf16"]
