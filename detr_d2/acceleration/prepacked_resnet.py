@@ -96,6 +96,12 @@ def _block_forward(block, x, may_overwrite_input):
     return last.prepacked_add_(out, residual, relu=True)
 
 
+def trainable_stage_input(x):
+    """The prepacked prefix's channels-last features as the first trained stage's input: a
+    contiguous (NCHW) copy (channels-last made float32 training slower, docs/benchmark.md)."""
+    return x.contiguous()
+
+
 def prepacked_resnet_forward(body, tensor, prefix_length=None):
     """``body(tensor)`` for a ResNet that ``supports_prepacked_forward``: tensor [B, 3, H, W]
     -> {name: features [B, C, h, w]} for ``body``'s output features. ``tensor`` is left
@@ -122,7 +128,7 @@ def prepacked_resnet_forward(body, tensor, prefix_length=None):
                     x = _block_forward(block, x, may_overwrite_input=not returned)
                     returned = False
         else:
-            x = stage(x.contiguous() if part == prefix_length else x)
+            x = stage(trainable_stage_input(x) if part == prefix_length else x)
         if name in body._out_features:
             outputs[name] = x
             returned = True
