@@ -16,7 +16,7 @@ PRETRAIN_DATA := datasets/shapes_pretrain
 PRETRAIN_RUN := output/shapes_detr_pretrain_single_stage
 BUNDLED := checkpoints/shapes_detr_tiny.pth
 
-.PHONY: install test demo demo-panoptic pretrain clean-venv
+.PHONY: install test demo demo-masks demo-panoptic pretrain clean-venv
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ test: install
 # The embedded demo: fine-tune the bundled checkpoint on a new 2-class set, evaluate, draw.
 demo: install
 	$(PY) tools/run_demo.py
+
+# After `make demo`: the mask head trained on its frozen fine-tuned detector, segm AP, masks drawn.
+demo-masks: install
+	$(PY) tools/run_demo.py --masks
 
 # The synthetic panoptic demo: panoptic shapes, boxes then the mask head on the frozen
 # detector (from the bundled checkpoint), PQ, panoptic drawings (tools/run_panoptic_demo.py).

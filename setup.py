@@ -9,7 +9,7 @@ setup(
     name="detr_d2",
     version="0.1.0",
     description="DETR (DEtection TRansformer) as a detectron2 plugin",
-    # detr_d2_deploy: the torch-free ONNX predictor (numpy, onnxruntime, Pillow; OpenCV to draw)
+    # detr_d2_deploy: the torch-free ONNX predictor (numpy, onnxruntime, Pillow; pycocotools for mask RLE; OpenCV to draw)
     packages=find_packages(include=("detr_d2", "detr_d2.*", "detr_d2_deploy", "detr_d2_deploy.*")),
     python_requires=">=3.9",
     install_requires=[

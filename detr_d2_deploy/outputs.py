@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from detr_d2_deploy.errors import DeployError
 from detr_d2_deploy.files import atomic_write
 
 try:
@@ -11,7 +12,7 @@ try:
 except ImportError:  # drawings are optional: predictions.json needs only numpy
     cv2 = None
 
-__all__ = ["can_draw", "coco_records", "draw_detections", "write_json", "write_png"]
+__all__ = ["can_draw", "coco_records", "draw_detections", "mask_rle", "write_json", "write_png"]
 
 BOX_THICKNESS = 2
 FONT_SCALE = 0.5
@@ -23,7 +24,8 @@ def coco_records(detections, file_name, spec):
 
     Each: {"file_name", "category_id" (the dataset's id from ``spec.category_ids``, else the
     class index), "category_name" (``spec.class_names``, else the index as text), "bbox":
-    [x, y, w, h] in pixels of the original image, "score"}."""
+    [x, y, w, h] in pixels of the original image, "score"}, with masks (MODEL.MASK_ON
+    exports) also "segmentation": the mask as COCO compressed RLE (counts a string)."""
     records = []
     for (x0, y0, x1, y1), score, label in zip(detections.boxes.tolist(), detections.scores.tolist(),
                                               detections.labels.tolist()):
@@ -31,7 +33,21 @@ def coco_records(detections, file_name, spec):
                         "category_id": spec.category_ids[label] if spec.category_ids else label,
                         "category_name": spec.class_names[label] if spec.class_names else str(label),
                         "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score})
+    if detections.masks is not None:
+        for record, mask in zip(records, detections.masks):
+            record["segmentation"] = mask_rle(mask)
     return records
+
+
+def mask_rle(mask):
+    """COCO compressed RLE {"size": [H, W], "counts": str} of a bool mask [H, W] (pycocotools,
+    which needs numpy only; imported here so that box-only exports do not need it)."""
+    try:
+        from pycocotools import mask as mask_util
+    except ImportError as error:
+        raise DeployError("Writing masks into predictions.json needs pycocotools: pip install pycocotools") from error
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
 
 
 def write_json(path, data):

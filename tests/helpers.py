@@ -368,3 +368,32 @@ def converted_fixture_model(name, tmp_path):
 def chw_images(inputs):
     """The fixture's HWC uint8 RGB images as CHW uint8 tensors."""
     return [image.permute(2, 0, 1).contiguous() for image in inputs["images_hwc_uint8_rgb"]]
+
+
+# A sitecustomize-like prologue: torch and friends cannot be imported; the tool named by
+# the first argument runs as __main__; at exit the modules of those packages that were
+# imported (there must be none) are printed.
+TORCH_FREE_RUNNER = """
+import importlib.abc, runpy, sys
+BLOCKED = ("torch", "torchvision", "detectron2", "detr_d2")
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} cannot be imported in this test")
+sys.meta_path.insert(0, Refuse())
+tool, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_path(tool, run_name="__main__")
+    code = 0
+except SystemExit as exit:
+    code = exit.code
+print("IMPORTED:", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+sys.exit(code)
+"""
+
+
+def run_torch_free(tool, *args):
+    """Run ``tools/<tool> ARGS`` where torch, detectron2 and detr_d2 cannot be imported."""
+    return subprocess.run([sys.executable, "-c", TORCH_FREE_RUNNER, str(TOOLS / tool), *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -10,7 +10,8 @@ export.json). PATH: image files, folders (the images directly inside) or glob pa
 with the export's test-time rule, normalised and batched --batch-size at a time, as
 tools/demo.py does; into OUTDIR goes ``predictions.json`` in tools/demo.py's format
 ({"file_name", "category_id", "category_name", "bbox": [x, y, w, h] in pixels of the
-original image, "score"}, detections scoring at least the threshold; default: the
+original image, "score", with a mask export also "segmentation" as COCO RLE},
+detections scoring at least the threshold; default: the
 export's ``score_threshold``, tools/demo.py's default) and, where OpenCV is installed, a
 ``<name>.png`` per image with the kept boxes drawn.
 

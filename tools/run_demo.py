@@ -2,7 +2,7 @@
 """The embedded demo (``make demo``): fine-tune the bundled shapes DETR on a new 2-class set.
 
     python tools/run_demo.py [--output output/demo] [--config-file CFG] [--data-dir DIR]
-                             [--splits train:2000,val:200] [--images N] [KEY VALUE ...]
+                             [--splits train:2000,val:200] [--images N] [--masks] [KEY VALUE ...]
 
 Steps, each a run of the project's own command-line tools (so the demo shows what a user
 would type):
@@ -22,6 +22,12 @@ would type):
    time of each step.
 
 Extra ``KEY VALUE`` pairs go to train_net (e.g. ``SOLVER.MAX_ITER 500`` for a quick look).
+
+``--masks`` (``make demo-masks``, after ``make demo``): the reference's second stage instead
+of steps 2-4. ``configs/shapes/detr_tiny_masks_custom.yaml`` loads the fine-tuned detector of
+``<output>/finetune`` through ``MODEL.DETR.FROZEN_WEIGHTS``, freezes it and trains the mask
+head alone on the shapes' instance masks, evaluating COCO bbox and segm; the masks are drawn
+into ``<output>/masks_predictions``.
 """
 import argparse
 import glob
@@ -35,6 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/shapes/detr_tiny_finetune_custom.yaml"
 CUSTOM_DATA = "datasets/shapes_custom"
 CUSTOM_SPLITS = "train:2000,val:200"
+MASKS_CONFIG = "configs/shapes/detr_tiny_masks_custom.yaml"
 DRAW_SCALE = "4"  # the 128-px images drawn at 512 px: labels no longer cover the objects
 
 
@@ -51,6 +58,8 @@ def build_parser():
                         help=f"image counts of the train and val splits (default: {CUSTOM_SPLITS})")
     parser.add_argument("--images", type=int, default=8, metavar="N",
                         help="validation images to draw predictions on (default: 8)")
+    parser.add_argument("--masks", action="store_true",
+                        help=f"after the fine-tuning: train the mask head on its frozen detector ({MASKS_CONFIG})")
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides for the fine-tuning run")
     return parser
@@ -66,11 +75,11 @@ def run_step(title, command, timings):
         sys.exit(f"[demo] step '{title}' failed (exit code {result.returncode}); see its messages above.")
 
 
-def evaluations(run_dir):
-    """The evaluation rows (with "bbox/AP") of ``run_dir/metrics.json``, in order."""
+def evaluations(run_dir, task="bbox"):
+    """The evaluation rows (with "<task>/AP") of ``run_dir/metrics.json``, in order."""
     with open(os.path.join(run_dir, "metrics.json")) as file:
         rows = [json.loads(line) for line in file if line.strip()]
-    evaluated = [row for row in rows if "bbox/AP" in row]
+    evaluated = [row for row in rows if f"{task}/AP" in row]
     if not evaluated:
         sys.exit(f"[demo] no evaluation found in {run_dir}/metrics.json")
     return evaluated
@@ -109,6 +118,29 @@ def summary(args, run_dir, pictures_dir, curves, evaluated, timings):
     print("\n".join(lines + ["=" * 72]), flush=True)
 
 
+def mask_stage(args, detector, timings):
+    """Train the mask head on the frozen ``detector`` (a model_final.pth), draw the masks,
+    print box and mask AP."""
+    if not os.path.isfile(os.path.join(REPO, detector)):
+        sys.exit(f"[demo] {detector} is missing: run `make demo` first (the mask head trains on its detector)")
+    python, run_dir = sys.executable, os.path.join(args.output, "masks")
+    pictures_dir = os.path.join(args.output, "masks_predictions")
+    run_step("train the mask head on the frozen detector", [
+        python, "tools/train_net.py", "--config-file", MASKS_CONFIG, *dataset_overrides(args.data_dir),
+        "MODEL.DETR.FROZEN_WEIGHTS", detector, "OUTPUT_DIR", run_dir, *args.opts], timings)
+    val_images = sorted(glob.glob(os.path.join(REPO, args.data_dir, "images", "val", "*.png")))[:args.images]
+    run_step("draw masks", [python, "tools/demo.py", "--config-file", os.path.join(run_dir, "config.yaml"),
+                            "--input", *val_images, "--output", pictures_dir, "--draw-scale", DRAW_SCALE,
+                            "--opts", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")], timings)
+    rows = evaluations(os.path.join(REPO, run_dir), "segm")
+    lines = ["", "=" * 72, "[demo] mask head trained on the frozen fine-tuned detector (custom shapes)",
+             *(f"[demo]   iteration {row['iteration']:>5}: mask AP {row['segm/AP']:5.1f}  AP50 {row['segm/AP50']:5.1f}"
+               f"   box AP {row['bbox/AP']:5.1f}  AP50 {row['bbox/AP50']:5.1f}" for row in rows),
+             f"[demo] run: {run_dir}", f"[demo] masks drawn with detectron2's Visualizer: {pictures_dir}/*.png"]
+    lines += [f"[demo]   {title}: {seconds / 60:.1f} min" for title, seconds in timings.items()]
+    print("\n".join(lines + ["=" * 72]), flush=True)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     python = sys.executable
@@ -118,6 +150,9 @@ def main(argv=None):
     timings = {}
     run_step("generate the custom data", [python, "datasets/prepare_shapes.py", "--preset", "custom",
                                           "--splits", args.splits, "--output", args.data_dir], timings)
+    if args.masks:
+        mask_stage(args, os.path.join(run_dir, "model_final.pth"), timings)
+        return
     run_step("fine-tune and evaluate", [python, "tools/train_net.py", "--config-file", args.config_file,
                                         *dataset_overrides(args.data_dir), "OUTPUT_DIR", run_dir, *args.opts],
              timings)

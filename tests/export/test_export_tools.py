@@ -5,8 +5,6 @@ where torch, torchvision, detectron2 and detr_d2 cannot be imported, and its
 predictions.json is compared with tools/demo.py's on the same images."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -22,12 +20,12 @@ from detr_d2.export.verification import compare, example_batch, report_lines, ve
 from detr_d2_deploy.predictor import onnx_session
 from detr_d2_deploy.spec import read_spec
 from tests.helpers import (
-    REPO,
     TINY_CONFIG,
     TOOLS,
     assert_one_line_error,
     assert_succeeded,
     run_concurrently,
+    run_torch_free,
     save_weights,
     tiny_cfg,
     tiny_model,
@@ -35,26 +33,6 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow  # the module fixture exports twice and runs the demo: minutes on 2 cores
 
-# A sitecustomize-like prologue: torch and friends cannot be imported; the tool named by
-# the first argument runs as __main__; at exit the modules of those packages that were
-# imported (there must be none) are printed.
-TORCH_FREE_RUNNER = """
-import importlib.abc, runpy, sys
-BLOCKED = ("torch", "torchvision", "detectron2", "detr_d2")
-class Refuse(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"{name} cannot be imported in this test")
-sys.meta_path.insert(0, Refuse())
-tool, sys.argv = sys.argv[1], sys.argv[1:]
-try:
-    runpy.run_path(tool, run_name="__main__")
-    code = 0
-except SystemExit as exit:
-    code = exit.code
-print("IMPORTED:", sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
-sys.exit(code)
-"""
 IMAGE_SIZES = [(150, 211), (233, 171), (97, 131), (61, 87), (300, 299)]  # demo input sizes (h, w)
 
 
@@ -94,13 +72,6 @@ def exports(tmp_path_factory, datasets_root):
     assert runs[2].returncode == 1, runs[2].output[-3000:]  # broken.jpg is reported and skipped
     return {"weights": weights, "onnx": root / "onnx", "torchscript": root / "torchscript", "inputs": inputs,
             "demo": root / "demo", "logs": {"onnx": runs[0].output, "torchscript": runs[1].output}}
-
-
-def run_torch_free(tool, *args):
-    """Run ``tools/<tool> ARGS`` where torch, detectron2 and detr_d2 cannot be imported."""
-    return subprocess.run([sys.executable, "-c", TORCH_FREE_RUNNER, str(TOOLS / tool), *map(str, args)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])

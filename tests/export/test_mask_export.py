@@ -1,6 +1,10 @@
 """MODEL.MASK_ON exports: the graph also returns mask logits, verification compares the
-binary masks, the ONNX predictor turns them into masks of the original images."""
+binary masks, the ONNX predictor turns them into masks of the original images and
+tools/predict_onnx.py writes them into predictions.json as tools/demo.py does."""
+import json
+
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
@@ -10,7 +14,9 @@ from detr_d2.export import ExportRequest, export_model
 from detr_d2.export.verification import verification_images
 from detr_d2.utils.predictor import BatchPredictor
 from detr_d2_deploy.predictor import OnnxDetrPredictor
-from tests.helpers import save_weights, tiny_cfg
+from PIL import Image
+
+from tests.helpers import run_torch_free, save_weights, tiny_cfg
 
 MASK_OPTS = ("MODEL.MASK_ON", "True", "MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.NHEADS", "8")
 
@@ -38,3 +44,21 @@ def test_mask_model_exports_to_onnx_with_masks_verified_and_predicted(tmp_path):
         np.testing.assert_allclose(mine.scores, instances.scores.numpy(), atol=1e-4)
         kept = mine.confident(float(np.median(mine.scores)))
         assert kept.masks.shape[0] == len(kept) >= 5
+    assert_predict_onnx_writes_the_masks(tmp_path, images, eager)
+
+
+def assert_predict_onnx_writes_the_masks(tmp_path, images, eager):
+    """tools/predict_onnx.py (torch-free) writes each query's mask as RLE "segmentation",
+    equal to the eager model's pred_masks (as tools/demo.py writes them) but for pixels at
+    the threshold."""
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"image{index}.png")
+    run = run_torch_free("predict_onnx.py", "--model-dir", tmp_path, "--input", *sorted(tmp_path.glob("image*.png")),
+                         "--output", tmp_path / "predicted", "--confidence-threshold", "0")
+    assert run.returncode == 0 and "IMPORTED: []" in run.stdout, run.stdout + run.stderr
+    records = json.loads((tmp_path / "predicted" / "predictions.json").read_text())
+    for index, instances in enumerate(eager):
+        masks = [mask_util.decode(r["segmentation"]) for r in records if r["file_name"].endswith(f"image{index}.png")]
+        expected = instances.pred_masks.numpy()
+        assert np.stack(masks).shape == expected.shape
+        assert (np.stack(masks).astype(bool) != expected).mean() < 1e-3
