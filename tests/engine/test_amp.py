@@ -16,7 +16,15 @@ from detr_d2.engine import AtomicDetectionCheckpointer, NonFiniteValuesError, Se
 from detr_d2.engine import precision
 from detr_d2.engine.amp_trainer import DetrAMPTrainer
 from detr_d2.engine.finite_checks import DetrSimpleTrainer, install_output_check
-from tests.helpers import TINY_CONFIG, tiny_cfg, tiny_model, training_input
+from tests.helpers import (
+    TINY_CONFIG,
+    assert_succeeded,
+    run_one,
+    tiny_cfg,
+    tiny_model,
+    train_net,
+    training_input,
+)
 
 BF16, FP16 = torch.bfloat16, torch.float16
 FROZEN = ("MODEL.BACKBONE.FREEZE_AT", 5)
@@ -276,6 +284,24 @@ def test_checkpoints_cross_between_float32_and_amp(tmp_path):
     assert fp16.grad_scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
     assert all(torch.equal(a, b) for a, b in zip(fp32_model.state_dict().values(), fp16_model.state_dict().values()))
     run_steps(fp16, 1)
+
+
+@pytest.mark.slow
+def test_train_net_trains_resumes_and_evaluates_in_bf16(datasets_root, tmp_path):
+    """The command lines: an AMP run checkpoints at iteration 2, --resume continues it to the
+    end, --eval-only with TEST.AMP.ENABLED evaluates the result."""
+    out = tmp_path / "out"
+    opts = ["OUTPUT_DIR", out, "SOLVER.AMP.ENABLED", "True", "SOLVER.CHECKPOINT_PERIOD", "3", *FROZEN]
+    assert_succeeded(run_one(train_net(*opts, "SOLVER.MAX_ITER", "3"), datasets_root))
+    checkpoint = torch.load(out / "model_final.pth", weights_only=False)
+    assert checkpoint["iteration"] == 2 and checkpoint["trainer"]["_trainer"]["grad_scaler"] == {}  # bf16: no scaler
+    assert {v.dtype for v in checkpoint["model"].values() if v.is_floating_point()} == {torch.float32}
+    assert_succeeded(run_one(train_net("--resume", *opts, "SOLVER.MAX_ITER", "5"), datasets_root))
+    assert "Starting training from iteration 3" in (out / "log.txt").read_text()
+    evaluation = run_one(train_net("--eval-only", "OUTPUT_DIR", out, "MODEL.WEIGHTS", out / "model_final.pth",
+                                   "TEST.AMP.ENABLED", "True"), datasets_root)
+    assert_succeeded(evaluation)
+    assert "Evaluation results for bbox" in evaluation.output
 
 
 # ---------------------------------------------------------------- CUDA
