@@ -2,6 +2,7 @@
 the mapper's targets (crop, flip, resize, void pixels, a crowd segment) and the defects
 reported before training."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -257,27 +258,63 @@ def test_the_mapper_reports_an_absent_segment_too(panoptic):
 
 
 # ---------------------------------------------------------------- the command line
+def write_builtin_coco_panoptic(root):
+    """detectron2's builtin coco_2017_val_panoptic layout under ``root`` ($DETECTRON2_DATASETS):
+    2 JPEG images in coco/val2017, their PNGs in coco/panoptic_val2017 (a person on
+    sky and grass), coco/annotations/panoptic_val2017.json with COCO's 133 categories."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    stuff = [c["id"] for c in COCO_CATEGORIES if not c["isthing"]][-2:]
+    for folder in ("val2017", "panoptic_val2017", "annotations"):
+        (root / "coco" / folder).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for image_id in (1, 2):
+        name = f"{image_id:012d}"
+        ids = np.full((96, 128), 3 * 65793, dtype=np.int64)
+        ids[48:] = 2 * 65793
+        ids[20:70, 30 + 20 * image_id:70 + 20 * image_id] = 65793
+        ids[47:49] = 0  # void border
+        rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "coco" / "panoptic_val2017" / f"{name}.png")
+        picture = np.full((96, 128, 3), 90, dtype=np.uint8)
+        picture[ids == 65793] = (220, 40, 40)
+        Image.fromarray(picture).save(root / "coco" / "val2017" / f"{name}.jpg", quality=95)
+        images.append({"id": image_id, "file_name": f"{name}.jpg", "width": 128, "height": 96})
+        segments = [{"id": k * 65793, "category_id": c, "iscrowd": 0} for k, c in ((1, 1), (2, stuff[0]), (3, stuff[1]))]
+        annotations.append({"image_id": image_id, "file_name": f"{name}.png", "segments_info": segments})
+    categories = [{k: c[k] for k in ("id", "name", "isthing", "color")} for c in COCO_CATEGORIES]
+    (root / "coco" / "annotations" / "panoptic_val2017.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
 @pytest.mark.slow
-def test_train_net_registers_from_the_command_line_trains_and_evaluates_pq(panoptic, tmp_path, datasets_root):
+def test_train_net_registers_from_the_command_line_trains_and_evaluates_pq(panoptic, tmp_path):
     """tools/train_net.py with REGISTER_COCO_PANOPTIC as KEY VALUE: 2 iterations of a tiny
-    panoptic model, then PQ on the val split; a broken set ends in one line naming the PNG."""
+    panoptic model, then PQ on the val split; a broken set ends in one line naming the PNG;
+    detectron2's builtin coco_2017_val_panoptic (its layout under $DETECTRON2_DATASETS)
+    trains and evaluates as it is (133 classes)."""
     root, data, json_path = broken_copy(panoptic, tmp_path, "cli_broken")
     pattern = break_absent_segment(root, data)
     json_path.write_text(json.dumps(data))
     register = repr((entry("cli_pan_train", panoptic), entry("cli_pan_val", panoptic, "val")))
     broken = repr((("cli_broken", str(json_path), str(root / "panoptic" / "train"), str(root / "images" / "train")),))
-    common = ["MODEL.MASK_ON", "True", "MODEL.DETR.PANOPTIC_ON", "True", "SOLVER.MAX_ITER", "2"]
-    good, bad = run_concurrently([
+    common = ["MODEL.MASK_ON", "True", "MODEL.DETR.PANOPTIC_ON", "True", "SOLVER.MAX_ITER", "2",
+              "MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.NHEADS", "8"]  # sizes the mask head can split
+    builtin_root = write_builtin_coco_panoptic(tmp_path / "builtin")  # the $DETECTRON2_DATASETS of all three
+    good, bad, builtin = run_concurrently([
         train_net("DATASETS.REGISTER_COCO_PANOPTIC", register, "DATASETS.TRAIN", "('cli_pan_train',)",
                   "DATASETS.TEST", "('cli_pan_val',)", *common, "OUTPUT_DIR", tmp_path / "good"),
         train_net("DATASETS.REGISTER_COCO_PANOPTIC", broken, "DATASETS.TRAIN", "('cli_broken',)",
                   "DATASETS.TEST", "()", *common, "OUTPUT_DIR", tmp_path / "bad"),
-    ], datasets_root)
-    assert good.returncode == 0, good.output[-4000:]
-    assert "Panoptic Evaluation Results" in good.output and "PQ" in good.output
-    rows = [json.loads(line) for line in (tmp_path / "good" / "metrics.json").read_text().splitlines()]
-    assert any("panoptic_seg/PQ" in row for row in rows)
-    saved = (tmp_path / "good" / "config.yaml").read_text()
-    assert str(panoptic / "panoptic" / "train") in saved and "NUM_CLASSES: 9" in saved
-    line = assert_one_line_error(bad, "000002.png", "777")
-    assert __import__("re").search(pattern, line)
+        train_net("DATASETS.TRAIN", "('coco_2017_val_panoptic',)", "DATASETS.TEST", "('coco_2017_val_panoptic',)",
+                  *common, "OUTPUT_DIR", tmp_path / "builtin_run"),
+    ], builtin_root)
+    for run, folder, classes in ((good, "good", 9), (builtin, "builtin_run", 133)):
+        assert run.returncode == 0, run.output[-4000:]
+        assert "Panoptic Evaluation Results" in run.output
+        rows = [json.loads(line) for line in (tmp_path / folder / "metrics.json").read_text().splitlines()]
+        assert any("panoptic_seg/PQ" in row for row in rows)
+        assert f"NUM_CLASSES: {classes}" in (tmp_path / folder / "config.yaml").read_text()
+    assert str(panoptic / "panoptic" / "train") in (tmp_path / "good" / "config.yaml").read_text()
+    assert re.search(pattern, assert_one_line_error(bad, "000002.png", "777"))
