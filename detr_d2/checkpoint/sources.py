@@ -15,7 +15,7 @@ import torch
 
 from detr_d2.checkpoint.io import CheckpointError, atomic_write, load_checkpoint_file
 
-__all__ = ["Source", "read_source", "write_transformers_folder"]
+__all__ = ["Source", "read_source", "read_weights_file", "write_transformers_folder"]
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -52,7 +52,7 @@ def _read_json(path):
         raise CheckpointError(f"{path} is not readable json: {error}") from None
 
 
-def _read_weights(path, trust_pickle):
+def read_weights_file(path, trust_pickle=False):
     """State dict of one weights file (.safetensors, or a torch file of tensors)."""
     if path.endswith(".safetensors"):
         if not os.path.isfile(path):
@@ -71,7 +71,7 @@ def _read_sharded(index_path, trust_pickle):
     shards = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
     state = {}
     for shard in shards:
-        state.update(_read_weights(os.path.join(os.path.dirname(index_path), shard), trust_pickle))
+        state.update(read_weights_file(os.path.join(os.path.dirname(index_path), shard), trust_pickle))
     return state
 
 
@@ -102,7 +102,7 @@ def read_source(path, trust_pickle=False):
     if weights.endswith(".index.json"):
         state, extras = _read_sharded(weights, trust_pickle), {}
     else:
-        state, extras = _split_checkpoint(_read_weights(weights, trust_pickle), path)
+        state, extras = _split_checkpoint(read_weights_file(weights, trust_pickle), path)
     config_path, preprocessor_path = os.path.join(folder, CONFIG_FILE), os.path.join(folder, PREPROCESSOR_FILE)
     hf_config = _read_json(config_path) if os.path.isfile(config_path) else None
     if hf_config is not None and hf_config.get("model_type") != "detr":

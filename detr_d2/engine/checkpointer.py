@@ -28,6 +28,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from detr_d2.checkpoint.io import atomic_write, load_checkpoint_file, load_pickle_file
 from detr_d2.checkpoint.layouts import DETR_D2, read_layout
+from detr_d2.checkpoint.sources import read_weights_file
 from detr_d2.engine.finite_checks import non_finite_tensors
 from detr_d2.errors import NonFiniteValuesError, SetupError
 
@@ -168,12 +169,15 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         for a file that is no readable checkpoint) if unusable.
 
         ``.pth``: tensor-only ``torch.load``; ``.pkl``: NumPy-only unpickling, then
-        detectron2's model-zoo conventions; ``.pyth`` (pycls): as detectron2 reads it.
+        detectron2's model-zoo conventions; ``.safetensors``: the safetensors library;
+        ``.pyth`` (pycls): as detectron2 reads it.
         """
         if filename.endswith(".pyth"):
             return super()._load_file(filename)
         if filename.endswith(".pkl"):
             loaded = model_zoo_checkpoint(load_pickle_file(filename, self.trust_pickle), filename)
+        elif filename.endswith(".safetensors"):  # e.g. a transformers model.safetensors
+            loaded = read_weights_file(filename)
         else:
             loaded = load_checkpoint_file(filename, self.trust_pickle, allowed_globals=())
         check_state_dict(loaded, filename)

@@ -288,3 +288,17 @@ def test_dilated_timm_resnet50_is_read_as_a_dc5_model(tmp_path):
     assert model.backbone.body.res5[1].conv2.dilation == (2, 2) and model.backbone.body.res5[0].conv2.dilation == (1, 1)
     pixels, mask = padded_inputs()
     assert_outputs_close(detr_d2_outputs(model, pixels), hf_outputs(hf, pixels, mask))
+
+
+def test_model_weights_may_name_a_transformers_safetensors_file(converted, caplog):
+    """MODEL.WEIGHTS = a transformers model.safetensors: read with the safetensors library,
+    its layout detected and logged, the same tensors as the converter writes."""
+    _, folder, output, _ = converted["timm_segmentation"]
+    cfg = merge_config(add_detr_config(get_cfg()), str(output.with_suffix(".yaml")), ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    with caplog.at_level("INFO", logger="detectron2"):
+        AtomicDetectionCheckpointer(model).load_for_inference(str(folder / "model.safetensors"))
+    assert "checkpoint layout of Hugging Face transformers DETR" in caplog.text
+    expected = torch.load(output, weights_only=True)["model"]
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in expected.items())
