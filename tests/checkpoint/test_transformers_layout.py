@@ -49,9 +49,9 @@ def randomise_frozen_batch_norms(model):
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.1)
 
 
-def hf_model(backbone, segmentation, labels=LABELS):
+def hf_model(backbone, segmentation, labels=LABELS, position_embedding="sine"):
     """A tiny transformers DETR in eval mode (random weights, seeded)."""
-    common = dict(d_model=128 if segmentation else 64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96,
+    common = dict(position_embedding_type=position_embedding, d_model=128 if segmentation else 64, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=96,
                   decoder_ffn_dim=96, num_queries=7, num_labels=len(labels), id2label=labels, dropout=0.0,
                   use_pretrained_backbone=False)
     if backbone == "timm":
@@ -302,3 +302,13 @@ def test_model_weights_may_name_a_transformers_safetensors_file(converted, caplo
     expected = torch.load(output, weights_only=True)["model"]
     state = model.state_dict()
     assert all(torch.equal(state[key], value) for key, value in expected.items())
+
+
+def test_learned_position_embedding_is_read(tmp_path):
+    hf = hf_model("timm", False, position_embedding="learned")
+    hf.save_pretrained(tmp_path / "learned")
+    run_cli("--source", tmp_path / "learned", "--output", tmp_path / "learned.pth")
+    model = detr_d2_model(tmp_path / "learned.yaml", tmp_path / "learned.pth")
+    assert model.position_embedding.row_embed.weight.shape == (50, 32)
+    pixels, mask = padded_inputs()
+    assert_outputs_close(detr_d2_outputs(model, pixels), hf_outputs(hf, pixels, mask))
