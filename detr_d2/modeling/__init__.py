@@ -4,8 +4,10 @@ from detr_d2.modeling.backbone import MaskedBackbone
 from detr_d2.modeling.criterion import SetCriterion
 from detr_d2.modeling.detr import Detr
 from detr_d2.modeling.matcher import HungarianMatcher
+from detr_d2.modeling.panoptic import PanopticPostProcess, panoptic_segmentation
 from detr_d2.modeling.query_groups import GroupDetr
 from detr_d2.modeling.tiny_backbone import TinyCNN  # noqa: F401  (registers build_tiny_cnn_backbone)
 from detr_d2.modeling.transformer import Transformer
 
-__all__ = ["Detr", "GroupDetr", "HungarianMatcher", "MaskedBackbone", "SetCriterion", "Transformer"]
+__all__ = ["Detr", "GroupDetr", "HungarianMatcher", "MaskedBackbone", "PanopticPostProcess", "SetCriterion",
+           "Transformer", "panoptic_segmentation"]
