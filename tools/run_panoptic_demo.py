@@ -10,9 +10,11 @@ Steps, each a run of the project's own command-line tools:
 1. ``datasets/prepare_shapes.py --preset panoptic``: the panoptic shapes (the 6 pretraining
    shapes as things on sky / ground / water stuff, void borders, some crowds) in
    COCO-panoptic format, into ``--data-dir`` (default ``datasets/shapes_panoptic``; cached).
-2. ``tools/train_net.py`` with ``configs/shapes/detr_tiny_panoptic_boxes.yaml``: the bundled
-   checkpoint ``checkpoints/shapes_detr_tiny.pth`` fine-tuned to detect every segment,
-   things and stuff, as boxes (its 6-class head is replaced by a 9-class one).
+2. The start: the bundled checkpoint ``checkpoints/shapes_detr_tiny.pth`` with its class
+   head carried over by name (``checkpoint.class_head_by_name``): the 6 shapes keep their
+   rows, sky / ground / water get fresh ones; written to ``<output>/start.pth``.
+   ``tools/train_net.py`` with ``configs/shapes/detr_tiny_panoptic_boxes.yaml`` fine-tunes it
+   to detect every segment, things and stuff, as boxes.
 3. ``tools/train_net.py`` with ``configs/shapes/detr_tiny_panoptic.yaml``: that detector
    frozen (MODEL.DETR.FROZEN_WEIGHTS), the mask head trained on every segment's mask;
    evaluated with detectron2's COCOPanopticEvaluator (PQ, SQ, RQ: all, things, stuff).
@@ -31,12 +33,21 @@ import subprocess
 import sys
 import time
 
+import torch
+
+from detr_d2.checkpoint.class_head import class_head_by_name
+from detr_d2.checkpoint.io import atomic_torch_save
+from detr_d2.data.coco_panoptic import panoptic_metadata, read_panoptic_json
+from detr_d2.data.shapes import PRESETS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOX_CONFIG = "configs/shapes/detr_tiny_panoptic_boxes.yaml"
 MASK_CONFIG = "configs/shapes/detr_tiny_panoptic.yaml"
 DATA = "datasets/shapes_panoptic"
 SPLITS = "train:2000,val:200"
 DRAW_SCALE = "4"
+BUNDLED = "checkpoints/shapes_detr_tiny.pth"
+BUNDLED_CLASSES = PRESETS["pretrain"]  # the bundled detector's classes, in its head's row order
 
 
 def build_parser():
@@ -65,6 +76,20 @@ def run_step(title, command, timings):
     timings[title] = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"[demo] step '{title}' failed (exit code {result.returncode}); see its messages above.")
+
+
+def write_start_checkpoint(data_dir, path, timings):
+    """The bundled checkpoint with its class head carried over to the panoptic classes by name."""
+    start = time.perf_counter()
+    checkpoint = torch.load(os.path.join(REPO, BUNDLED), map_location="cpu", weights_only=True)
+    categories = read_panoptic_json(os.path.join(REPO, data_dir, "annotations", "panoptic_train.json"))["categories"]
+    classes = panoptic_metadata(categories)["thing_classes"]
+    checkpoint["model"], kept = class_head_by_name(checkpoint["model"], list(BUNDLED_CLASSES), classes)
+    os.makedirs(os.path.dirname(os.path.join(REPO, path)), exist_ok=True)
+    atomic_torch_save(checkpoint, os.path.join(REPO, path))
+    print(f"\n[demo] start: {BUNDLED} with the class rows of {', '.join(kept)} kept, fresh rows for "
+          f"{', '.join(c for c in classes if c not in kept)} -> {path}", flush=True)
+    timings["start checkpoint"] = time.perf_counter() - start
 
 
 def dataset_overrides(data_dir):
@@ -116,9 +141,11 @@ def main(argv=None):
     timings = {}
     run_step("generate the panoptic shapes", [python, "datasets/prepare_shapes.py", "--preset", "panoptic",
                                               "--splits", args.splits, "--output", args.data_dir], timings)
+    start = os.path.join(args.output, "start.pth")
+    write_start_checkpoint(args.data_dir, start, timings)
     run_step("stage 1: boxes of things and stuff", [
         python, "tools/train_net.py", "--config-file", BOX_CONFIG, *data, "SEED", str(args.seed),
-        "OUTPUT_DIR", box_dir, *args.box_opts], timings)
+        "MODEL.WEIGHTS", start, "OUTPUT_DIR", box_dir, *args.box_opts], timings)
     run_step("stage 2: mask head on the frozen detector, PQ", [
         python, "tools/train_net.py", "--config-file", MASK_CONFIG, *data, "SEED", str(args.seed),
         "MODEL.DETR.FROZEN_WEIGHTS", os.path.join(box_dir, "model_final.pth"), "OUTPUT_DIR", mask_dir,
