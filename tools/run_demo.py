@@ -33,9 +33,9 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import sys
-import time
+
+from detr_d2.utils.demo_steps import run_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/shapes/detr_tiny_finetune_custom.yaml"
@@ -63,16 +63,6 @@ def build_parser():
     parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
                         help="config overrides for the fine-tuning run")
     return parser
-
-
-def run_step(title, command, timings):
-    """Run ``command`` (list) from the repository root, echo it, stop the demo if it fails."""
-    print(f"\n[demo] {title}\n[demo] $ {' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO)
-    timings[title] = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"[demo] step '{title}' failed (exit code {result.returncode}); see its messages above.")
 
 
 def evaluations(run_dir, task="bbox"):
@@ -127,11 +117,11 @@ def mask_stage(args, detector, timings):
     pictures_dir = os.path.join(args.output, "masks_predictions")
     run_step("train the mask head on the frozen detector", [
         python, "tools/train_net.py", "--config-file", MASKS_CONFIG, *dataset_overrides(args.data_dir),
-        "MODEL.DETR.FROZEN_WEIGHTS", detector, "OUTPUT_DIR", run_dir, *args.opts], timings)
+        "MODEL.DETR.FROZEN_WEIGHTS", detector, "OUTPUT_DIR", run_dir, *args.opts], timings, REPO)
     val_images = sorted(glob.glob(os.path.join(REPO, args.data_dir, "images", "val", "*.png")))[:args.images]
     run_step("draw masks", [python, "tools/demo.py", "--config-file", os.path.join(run_dir, "config.yaml"),
                             "--input", *val_images, "--output", pictures_dir, "--draw-scale", DRAW_SCALE,
-                            "--opts", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")], timings)
+                            "--opts", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")], timings, REPO)
     rows = evaluations(os.path.join(REPO, run_dir), "segm")
     lines = ["", "=" * 72, "[demo] mask head trained on the frozen fine-tuned detector (custom shapes)",
              *(f"[demo]   iteration {row['iteration']:>5}: mask AP {row['segm/AP']:5.1f}  AP50 {row['segm/AP50']:5.1f}"
@@ -149,18 +139,18 @@ def main(argv=None):
     curves = os.path.join(args.output, "curves.png")
     timings = {}
     run_step("generate the custom data", [python, "datasets/prepare_shapes.py", "--preset", "custom",
-                                          "--splits", args.splits, "--output", args.data_dir], timings)
+                                          "--splits", args.splits, "--output", args.data_dir], timings, REPO)
     if args.masks:
         mask_stage(args, os.path.join(run_dir, "model_final.pth"), timings)
         return
     run_step("fine-tune and evaluate", [python, "tools/train_net.py", "--config-file", args.config_file,
                                         *dataset_overrides(args.data_dir), "OUTPUT_DIR", run_dir, *args.opts],
-             timings)
+             timings, REPO)
     val_images = sorted(glob.glob(os.path.join(REPO, args.data_dir, "images", "val", "*.png")))[:args.images]
     run_step("draw predictions", [python, "tools/demo.py", "--config-file", os.path.join(run_dir, "config.yaml"),
                                   "--input", *val_images, "--output", pictures_dir, "--draw-scale", DRAW_SCALE,
-                                  "--opts", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")], timings)
-    run_step("plot the training curves", [python, "tools/plot_logs.py", run_dir, "--output", curves], timings)
+                                  "--opts", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")], timings, REPO)
+    run_step("plot the training curves", [python, "tools/plot_logs.py", run_dir, "--output", curves], timings, REPO)
     summary(args, run_dir, pictures_dir, curves, evaluations(os.path.join(REPO, run_dir)), timings)
 
 

@@ -29,7 +29,6 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -39,6 +38,7 @@ from detr_d2.checkpoint.class_head import class_head_by_name
 from detr_d2.checkpoint.io import atomic_torch_save
 from detr_d2.data.coco_panoptic import panoptic_metadata, read_panoptic_json
 from detr_d2.data.shapes import PRESETS
+from detr_d2.utils.demo_steps import run_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOX_CONFIG = "configs/shapes/detr_tiny_panoptic_boxes.yaml"
@@ -66,16 +66,6 @@ def build_parser():
     parser.add_argument("--mask-opts", nargs="*", default=[], metavar="KEY VALUE",
                         help="config overrides of the mask stage")
     return parser
-
-
-def run_step(title, command, timings):
-    """Run ``command`` (list) from the repository root, echo it, stop the demo if it fails."""
-    print(f"\n[demo] {title}\n[demo] $ {' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO)
-    timings[title] = time.perf_counter() - start
-    if result.returncode != 0:
-        sys.exit(f"[demo] step '{title}' failed (exit code {result.returncode}); see its messages above.")
 
 
 def write_start_checkpoint(data_dir, path, timings):
@@ -140,21 +130,21 @@ def main(argv=None):
     data = dataset_overrides(args.data_dir)
     timings = {}
     run_step("generate the panoptic shapes", [python, "datasets/prepare_shapes.py", "--preset", "panoptic",
-                                              "--splits", args.splits, "--output", args.data_dir], timings)
+                                              "--splits", args.splits, "--output", args.data_dir], timings, REPO)
     start = os.path.join(args.output, "start.pth")
     write_start_checkpoint(args.data_dir, start, timings)
     run_step("stage 1: boxes of things and stuff", [
         python, "tools/train_net.py", "--config-file", BOX_CONFIG, *data, "SEED", str(args.seed),
-        "MODEL.WEIGHTS", start, "OUTPUT_DIR", box_dir, *args.box_opts], timings)
+        "MODEL.WEIGHTS", start, "OUTPUT_DIR", box_dir, *args.box_opts], timings, REPO)
     run_step("stage 2: mask head on the frozen detector, PQ", [
         python, "tools/train_net.py", "--config-file", MASK_CONFIG, *data, "SEED", str(args.seed),
         "MODEL.DETR.FROZEN_WEIGHTS", os.path.join(box_dir, "model_final.pth"), "OUTPUT_DIR", mask_dir,
-        *args.mask_opts], timings)
+        *args.mask_opts], timings, REPO)
     val_images = sorted(glob.glob(os.path.join(REPO, args.data_dir, "images", "val", "*.png")))[:args.images]
     run_step("draw the panoptic output", [
         python, "tools/demo.py", "--config-file", os.path.join(mask_dir, "config.yaml"), "--input", *val_images,
         "--output", pictures_dir, "--draw-scale", DRAW_SCALE,
-        "--opts", "MODEL.WEIGHTS", os.path.join(mask_dir, "model_final.pth")], timings)
+        "--opts", "MODEL.WEIGHTS", os.path.join(mask_dir, "model_final.pth")], timings, REPO)
     summary(args, mask_dir, pictures_dir, panoptic_evaluations(mask_dir), timings)
 
 
