@@ -24,7 +24,7 @@ import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from detr_d2.data.coco_registration import DatasetError
+from detr_d2.data.coco_registration import DatasetError, absolute_path
 
 __all__ = ["PANOPTIC_EVALUATOR_TYPE", "load_coco_panoptic", "panoptic_metadata",
            "register_coco_panoptic_dataset", "register_panoptic_datasets_from_config",
@@ -32,10 +32,6 @@ __all__ = ["PANOPTIC_EVALUATOR_TYPE", "load_coco_panoptic", "panoptic_metadata",
 
 PANOPTIC_EVALUATOR_TYPE = "coco_panoptic_seg"
 KEY = "DATASETS.REGISTER_COCO_PANOPTIC"
-
-
-def _absolute(path):
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def resolved_panoptic_registrations(entries):
@@ -46,7 +42,7 @@ def resolved_panoptic_registrations(entries):
             raise DatasetError(f"{KEY} entry {entry!r} must be (name, panoptic_json, panoptic_png_dir, "
                                "image_dir), four strings")
         name, *paths = entry
-        resolved.append((name, *map(_absolute, paths)))
+        resolved.append((name, *map(absolute_path, paths)))
     return tuple(resolved)
 
 

@@ -19,7 +19,8 @@ class DatasetError(SetupError, ValueError):
     """A dataset problem found before training; the message names the file/key and the fix."""
 
 
-def _absolute(path):
+def absolute_path(path):
+    """``path`` with ``~`` expanded, made absolute (relative to the working directory)."""
     return os.path.abspath(os.path.expanduser(path))
 
 
@@ -31,7 +32,7 @@ def resolved_registrations(entries):
             raise DatasetError(f"DATASETS.REGISTER_COCO entry {entry!r} must be "
                                "(name, annotation_json, image_root), three strings")
         name, json_file, image_root = entry
-        resolved.append((name, _absolute(json_file), _absolute(image_root)))
+        resolved.append((name, absolute_path(json_file), absolute_path(image_root)))
     return tuple(resolved)
 
 

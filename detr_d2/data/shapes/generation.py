@@ -24,15 +24,19 @@ def _split_files_exist(output_dir, split, num_images):
     return all(os.path.isfile(os.path.join(image_dir, image_file_name(i))) for i in range(num_images))
 
 
-def _is_cached(output_dir, manifest):
-    """Whether ``output_dir`` holds a complete dataset made with exactly ``manifest``."""
+def manifest_matches(output_dir, manifest):
+    """Whether ``output_dir/manifest.json`` exists and equals ``manifest``."""
     try:
         with open(os.path.join(output_dir, "manifest.json"), "rb") as f:
-            if json.load(f) != manifest:
-                return False
+            return json.load(f) == manifest
     except (OSError, ValueError):
         return False
-    return all(_split_files_exist(output_dir, s, n) for s, n in manifest["splits"].items())
+
+
+def _is_cached(output_dir, manifest):
+    """Whether ``output_dir`` holds a complete dataset made with exactly ``manifest``."""
+    return (manifest_matches(output_dir, manifest) and
+            all(_split_files_exist(output_dir, s, n) for s, n in manifest["splits"].items()))
 
 
 def _validate(classes, splits, settings, seed):

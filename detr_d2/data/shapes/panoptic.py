@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from detr_d2.data.shapes.colours import contrasting_colour
-from detr_d2.data.shapes.generation import _validate
+from detr_d2.data.shapes.generation import _validate, manifest_matches
 from detr_d2.data.shapes.outlines import fit_outline, rasterize, shape_outline
 from detr_d2.data.shapes.rendering import ImageSettings, render_sample, sample_rng
 from detr_d2.data.shapes.writer import _json_bytes, _png_bytes, image_file_name, write_atomic
@@ -219,16 +219,12 @@ def _write_panoptic_split(output_dir, split, num_images, classes, settings, seed
 
 
 def _is_cached(output_dir, manifest):
-    try:
-        with open(os.path.join(output_dir, "manifest.json"), "rb") as f:
-            if json.load(f) != manifest:
-                return False
-    except (OSError, ValueError):
-        return False
-    return all(os.path.isfile(os.path.join(output_dir, "annotations", f"panoptic_{split}.json")) and
-               all(os.path.isfile(os.path.join(output_dir, kind, split, image_file_name(i)))
-                   for kind in ("images", "panoptic") for i in range(n))
-               for split, n in manifest["splits"].items())
+    """Whether ``output_dir`` holds a complete panoptic set made with exactly ``manifest``."""
+    return manifest_matches(output_dir, manifest) and all(
+        os.path.isfile(os.path.join(output_dir, "annotations", f"panoptic_{split}.json")) and
+        all(os.path.isfile(os.path.join(output_dir, kind, split, image_file_name(i)))
+            for kind in ("images", "panoptic") for i in range(n))
+        for split, n in manifest["splits"].items())
 
 
 def generate_panoptic_dataset(output_dir, classes, splits, image_size=128, min_objects=1,
