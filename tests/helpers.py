@@ -36,6 +36,7 @@ from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks
 
 from detr_d2 import add_detr_config
 from detr_d2.data import resolve_num_classes
+from detr_d2.data.shapes import generate_panoptic_dataset
 from detr_d2.engine import merge_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,6 +364,27 @@ def converted_fixture_model(name, tmp_path):
     inputs = torch.load(path / "inputs.pt", weights_only=True)
     expected = torch.load(path / "expected.pt", weights_only=True)
     return model, inputs, expected
+
+
+def panoptic_fixture_config(root, things, splits, dataset, seed=5):
+    """(config, data folder): the converted reference DETRsegm fixture (6 classes) with
+    PANOPTIC_ON on panoptic shapes generated in ``root``/shapes (``things`` + sky / ground /
+    water, ``splits`` {name: count}); the val split registered as ``dataset`` and made the
+    training set, so its metadata names the classes."""
+    data = root / "shapes"
+    generate_panoptic_dataset(data, things, splits, seed=seed)
+    fixture = fixture_dir("detr_upstream_segm_tiny")
+    weights = root / "segm.pth"
+    assert convert_with_cli(fixture / "checkpoint.pth", weights).returncode == 0
+    cfg = config_for_fixture(fixture)
+    cfg.MODEL.WEIGHTS = str(weights)
+    cfg.MODEL.DETR.NUM_CLASSES = None
+    cfg.MODEL.DETR.PANOPTIC_ON = True
+    cfg.DATASETS.REGISTER_COCO_PANOPTIC = ((dataset, str(data / "annotations" / "panoptic_val.json"),
+                                            str(data / "panoptic" / "val"), str(data / "images" / "val")),)
+    cfg.DATASETS.TRAIN = (dataset,)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 112, 400
+    return cfg, data
 
 
 def chw_images(inputs):

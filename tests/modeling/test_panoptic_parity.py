@@ -9,10 +9,12 @@ segment's category and is-thing, and its area must be the same.
 - hand-made cases and the reference's own model outputs (single images, padded batch):
   identical, pixel for pixel;
 - through the converted model (detr_d2's own mask logits, which differ from the
-  reference's by float rounding, up to 4e-4: test_segm_parity.py), pixels may differ only
-  where the two best kept queries' mask logits are within 1e-3 of each other (near-ties).
-  Measured: 0 and 2 differing pixels (single images 0 and 1, of 28,665 and 21,033), 6 and 0
-  (padded batch).
+  reference's by float rounding, up to 1e-3: test_segm_parity.py), pixels may differ only
+  where the two best kept queries' mask logits are within 1e-3 of each other (near-ties),
+  and at most MAX_TIE_PIXELS of an image. Which near-ties flip depends on the CPU's float
+  kernels. Measured: 0 and 2 differing pixels (single images 0 and 1, of 28,665 and
+  21,033), 6 and 0 (padded batch) on the machine of the earlier CI runs; 2, 0, 6, 0 on an
+  AMD EPYC (Zen 4, AVX-512).
 """
 import pytest
 import torch
@@ -26,7 +28,7 @@ SEGM = "detr_upstream_segm_tiny"
 THING_MAX = 3  # the fixture's is_thing_map: class c is a thing iff c <= 3 (config.json)
 NUM_CLASSES = 6
 NEAR_TIE = 1e-3
-MEASURED_TIE_PIXELS = {("single", 0): 0, ("single", 1): 2, ("batched", 0): 6, ("batched", 1): 0}
+MAX_TIE_PIXELS = 30  # about 0.1 % of an image; 6 at most measured
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,7 @@ def test_model_panoptic_output_matches_the_reference_except_near_ties(segm, fixt
         near = near_tie_pixels(logits[-1][0], mask_logits[0], inputs["processed_sizes"][index], (height, width),
                                expected["panoptic_threshold"], result["panoptic_seg"][1])
         assert not (differ & ~near).any()
-        assert int(differ.sum()) == MEASURED_TIE_PIXELS[("single", index)]
+        assert int(differ.sum()) <= MAX_TIE_PIXELS
         assert result["instances"].pred_masks.shape[1:] == (height, width)
 
 
@@ -168,7 +170,7 @@ def test_padded_batch_with_the_reference_resizing_matches_except_near_ties(segm,
         differ = differing_pixels(ours, expected["batched"]["panoptic"][index], with_area=False)
         near = near_tie_pixels(logits[-1][index], mask_logits[index], image_size, output_size, threshold, ours[1])
         assert not (differ & ~near).any()
-        assert int(differ.sum()) == MEASURED_TIE_PIXELS[("batched", index)]
+        assert int(differ.sum()) <= MAX_TIE_PIXELS
 
 
 def test_an_image_padded_in_a_batch_keeps_its_segments_when_padded_size_is_given(fixture_data):

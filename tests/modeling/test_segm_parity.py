@@ -12,8 +12,11 @@ images) and 1.6e-4 (padded batch) with one thread, 1.5e-5 / 1.4e-4 / 1.8e-4 with
 detr_d2 differs from the fixture by 8.3e-5 / 1.1e-4 / 2.3e-4 and from that rerun by
 6.1e-5 / 1.0e-4 / 2.0e-4 (one thread); the differences enter before the mask head (res5
 features 7e-6, last decoder layer 1.7e-5): fed the reference's own decoder output, memory
-and backbone levels, detr_d2's mask head is within 1.2e-5 of the reference's. The test
-allows 4e-4 and requires fewer than 1% of the values beyond 1e-4.
+and backbone levels, detr_d2's mask head is within 1.2e-5 of the reference's. On an AMD
+EPYC (Zen 4, AVX-512; other float kernels) detr_d2 differs from the fixture by 4.4e-5 /
+1.1e-4 / 4.6e-4, with 0 / 0.02 / 2.1 % of the padded batch's values beyond 1e-4 (the
+mask logits themselves reach 2.7-3.1 in magnitude). The test allows 1e-3 and requires
+fewer than 5 % of the values beyond 1e-4.
 """
 import pytest
 import torch
@@ -23,7 +26,8 @@ from detr_d2.modeling.postprocess import binary_masks
 from tests.helpers import chw_images, converted_fixture_model
 
 SEGM = "detr_upstream_segm_tiny"
-MASK_LOGIT_TOLERANCE = 4e-4
+MASK_LOGIT_TOLERANCE = 1e-3
+BEYOND_1E4_FRACTION = 0.05
 NEAR_THRESHOLD = 1e-4
 
 
@@ -46,7 +50,7 @@ def assert_losses_close(ours, reference):
 def assert_mask_logits_close(ours, reference):
     difference = (ours - reference).abs()
     assert difference.max() <= MASK_LOGIT_TOLERANCE, difference.max()
-    assert (difference > 1e-4).float().mean() < 0.01
+    assert (difference > 1e-4).float().mean() < BEYOND_1E4_FRACTION
 
 
 def reference_probabilities(mask_logits, padded_size, image_size, output_size):

@@ -14,12 +14,11 @@ import pytest
 import torch
 from detectron2.data import Metadata
 
-from detr_d2.data.shapes import generate_panoptic_dataset
 from detr_d2.engine import build_config
 from detr_d2.utils.inputs import read_input_image
 from detr_d2.utils.panoptic_outputs import draw_panoptic, panoptic_drawing_metadata
 from detr_d2.utils.predictor import BatchPredictor
-from tests.helpers import REPO, config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import REPO, panoptic_fixture_config
 
 THINGS = ("circle", "ellipse", "rectangle")
 STUFF = ("sky", "ground", "water")
@@ -37,20 +36,9 @@ def read_rgb(path):
 def panoptic_demo(tmp_path_factory):
     """(config file, validation image paths, demo output folder, the demo's CompletedProcess)."""
     root = tmp_path_factory.mktemp("panoptic_demo")
-    data = root / "shapes"
-    generate_panoptic_dataset(data, THINGS, {"val": 2}, seed=5)
-    fixture = fixture_dir("detr_upstream_segm_tiny")
-    weights = root / "segm.pth"
-    assert convert_with_cli(fixture / "checkpoint.pth", weights).returncode == 0
-    cfg = config_for_fixture(fixture)
-    cfg.MODEL.WEIGHTS = str(weights)
-    cfg.MODEL.DETR.NUM_CLASSES = None
-    cfg.MODEL.DETR.PANOPTIC_ON = True
+    cfg, data = panoptic_fixture_config(root, THINGS, {"val": 2}, "demo_panoptic_val")
     cfg.MODEL.DETR.PANOPTIC_THRESHOLD = THRESHOLD
-    cfg.DATASETS.REGISTER_COCO_PANOPTIC = (("demo_panoptic_val", str(data / "annotations" / "panoptic_val.json"),
-                                            str(data / "panoptic" / "val"), str(data / "images" / "val")),)
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("demo_panoptic_val",), ()
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 112, 400
+    cfg.DATASETS.TEST = ()
     config = root / "panoptic.yaml"
     config.write_text(cfg.dump())
     images = sorted((data / "images" / "val").glob("*.png"))

@@ -12,8 +12,7 @@ from detr_d2.data.shapes import generate_panoptic_dataset
 from detr_d2.engine import AtomicDetectionCheckpointer, Trainer, build_config
 from detr_d2.evaluation.panoptic_thresholds import PanopticAtThresholds
 from detr_d2.modeling.panoptic import PanopticPostProcess
-from tests.helpers import (REPO, assert_one_line_error, config_for_fixture, convert_with_cli, fixture_dir,
-                           run_one)
+from tests.helpers import REPO, assert_one_line_error, panoptic_fixture_config, run_one
 
 THINGS = ("circle", "ellipse", "rectangle")
 THRESHOLDS = (0.2, 0.35)  # the fixture's scores are low: the reference's 0.85 keeps nothing
@@ -23,19 +22,8 @@ THRESHOLDS = (0.2, 0.35)  # the fixture's scores are low: the reference's 0.85 k
 def panoptic_run(tmp_path_factory):
     """(config file, data folder): the fixture model with PANOPTIC_ON, its val split registered."""
     root = tmp_path_factory.mktemp("thresholds")
-    data = root / "shapes"
-    generate_panoptic_dataset(data, THINGS, {"val": 3, "tune": 2}, seed=5)
-    fixture = fixture_dir("detr_upstream_segm_tiny")
-    weights = root / "segm.pth"
-    assert convert_with_cli(fixture / "checkpoint.pth", weights).returncode == 0
-    cfg = config_for_fixture(fixture)
-    cfg.MODEL.WEIGHTS = str(weights)
-    cfg.MODEL.DETR.NUM_CLASSES = None
-    cfg.MODEL.DETR.PANOPTIC_ON = True
-    cfg.DATASETS.REGISTER_COCO_PANOPTIC = (("sweep_val", str(data / "annotations" / "panoptic_val.json"),
-                                            str(data / "panoptic" / "val"), str(data / "images" / "val")),)
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = ("sweep_val",), ("sweep_val",)
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 112, 400
+    cfg, data = panoptic_fixture_config(root, THINGS, {"val": 3, "tune": 2}, "sweep_val")
+    cfg.DATASETS.TEST = ("sweep_val",)
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.OUTPUT_DIR = str(root / "run")
     config = root / "panoptic.yaml"
