@@ -77,7 +77,7 @@ def test_each_threshold_gives_the_post_processing_of_that_threshold():
     """The sweep's post-processing is PanopticPostProcess at each threshold, on the same outputs."""
     generator = torch.Generator().manual_seed(0)
     logits, mask_logits = torch.randn(20, 7, generator=generator) * 3, torch.randn(20, 24, 32, generator=generator)
-    swept = PanopticAtThresholds([0, 1, 2], 6, (0.3, 0.6))((logits), mask_logits, (90, 120), (45, 60))
+    swept = PanopticAtThresholds([0, 1, 2], 6, (0.3, 0.6))(logits, mask_logits, (90, 120), (45, 60))
     for threshold in (0.3, 0.6):
         seg, segments = PanopticPostProcess([0, 1, 2], 6, threshold)(logits, mask_logits, (90, 120), (45, 60))
         assert torch.equal(swept[threshold][0], seg) and swept[threshold][1] == segments
