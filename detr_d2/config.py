@@ -56,6 +56,34 @@ def _add_model_keys(cfg):
     cfg.MODEL.DETR.FAST_PATHS = True
 
 
+def _add_multi_scale_keys(cfg):
+    # The multi-scale DETRs (DeformableDetr, Dino): what only they have. The sizes they share
+    # with DETR keep their MODEL.DETR keys (HIDDEN_DIM, NHEADS, ENC_LAYERS, DEC_LAYERS,
+    # DIM_FEEDFORWARD, DROPOUT, NUM_OBJECT_QUERIES, NUM_CLASSES, costs and loss weights).
+    cfg.MODEL.MULTI_SCALE = CN()
+    # Backbone levels fed to the neck, finest first (res3-res5: strides 8, 16, 32); further
+    # levels up to NUM_FEATURE_LEVELS come from 3x3 stride-2 convolutions on the last one.
+    cfg.MODEL.MULTI_SCALE.IN_FEATURES = ["res3", "res4", "res5"]
+    cfg.MODEL.MULTI_SCALE.NUM_FEATURE_LEVELS = 4
+    # Sampling points per head and level of the encoder's and the decoder's deformable attention.
+    cfg.MODEL.MULTI_SCALE.ENC_N_POINTS = 4
+    cfg.MODEL.MULTI_SCALE.DEC_N_POINTS = 4
+    # Iterative box refinement: each decoder layer refines the previous layer's boxes with
+    # its own box (and class) head.
+    cfg.MODEL.MULTI_SCALE.WITH_BOX_REFINE = False
+    # Two-stage: the encoder's top-scoring position proposals become the decoder's queries.
+    cfg.MODEL.MULTI_SCALE.TWO_STAGE = False
+    # Sigmoid focal classification (matcher cost and loss).
+    cfg.MODEL.MULTI_SCALE.FOCAL_ALPHA = 0.25
+    cfg.MODEL.MULTI_SCALE.FOCAL_GAMMA = 2.0
+    # Inference keeps the TOPK_DETECTIONS best (query, class) pairs of each image.
+    cfg.MODEL.MULTI_SCALE.TOPK_DETECTIONS = 100
+    # Temperature of the sine position encoding of the levels.
+    cfg.MODEL.MULTI_SCALE.POSITION_TEMPERATURE = 10000
+    # Learning-rate factor of the sampling-offset and reference-point projections.
+    cfg.MODEL.MULTI_SCALE.LINEAR_PROJ_LR_MULTIPLIER = 0.1
+
+
 def _add_mask_keys(cfg):
     # MODEL.MASK_ON (detectron2's key) adds DETR's mask head. A pixel belongs to a query's
     # predicted mask where sigmoid(mask logit) > MASK_THRESHOLD (the original wrapper's key).
@@ -121,6 +149,7 @@ def _add_test_keys(cfg):
 def add_detr_config(cfg):
     """Add every detr_d2 key, with the reference DETR's values, to ``cfg`` in place."""
     _add_model_keys(cfg)
+    _add_multi_scale_keys(cfg)
     _add_mask_keys(cfg)
     _add_panoptic_keys(cfg)
     _add_solver_keys(cfg)

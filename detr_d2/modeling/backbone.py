@@ -67,3 +67,11 @@ class MaskedBackbone(nn.Module):
     def forward(self, tensor, image_sizes):
         features, mask = self.all_features_and_mask(tensor, image_sizes)
         return features[self.in_feature], mask
+
+    def levels_and_masks(self, tensor, image_sizes, names):
+        """The features ``names`` (finest first) with their padding masks:
+        ([B, C_l, h_l, w_l] per name, [B, h_l, w_l] bool per name, pixel mask [B, H, W])."""
+        features = self.body_features(tensor)
+        pixel_mask = pixel_padding_mask(image_sizes, tensor.shape[-2:], tensor.device)
+        levels = [features[name] for name in names]
+        return levels, [feature_padding_mask(pixel_mask, level.shape[-2:]) for level in levels], pixel_mask

@@ -47,6 +47,16 @@ def _largest_mask_size(targets):
     return tuple(max(t["masks"].shape[d] for t in targets) for d in (-2, -1))
 
 
+def _batch_entry(value, index):
+    """Image ``index`` of a per-batch value: a tensor [B, ...] (kept as [1, ...]), a tuple of
+    them (each sliced), or None."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return type(value)(item[index:index + 1] for item in value)
+    return value[index:index + 1]
+
+
 def _padded(target, size):
     """``target`` with its "masks" [n, h, w] zero-padded at the bottom/right to ``size`` (H, W)."""
     if size is None:
@@ -231,15 +241,15 @@ class SetCriterion(nn.Module):
 
         Each image is matched and normalised by its own box count (at least 1), with no
         reduction across processes (evaluation: each process sees other images). Shapes as
-        ``forward``'s; an image's target masks are zero-padded to the batch's largest size,
-        the area its mask logits cover.
+        ``forward``'s (``mask_logits``: a [B, ...] tensor or a tuple of them, e.g. a
+        subclass's extra predictions); an image's target masks are zero-padded to the
+        batch's largest size, the area its mask logits cover.
         """
         padded_size = _largest_mask_size(targets)
         values = []
         for i, target in enumerate(targets):
-            image_mask_logits = None if mask_logits is None else mask_logits[i:i + 1]
             values.append(self.set_losses(logits[:, i:i + 1], boxes[:, i:i + 1], [_padded(target, padded_size)],
-                                          image_mask_logits, max(float(len(target["labels"])), 1.0)))
+                                          _batch_entry(mask_logits, i), max(float(len(target["labels"])), 1.0)))
         return values
 
     def set_losses(self, logits, boxes, targets, mask_logits, num_boxes):

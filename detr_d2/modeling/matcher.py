@@ -36,14 +36,19 @@ class HungarianMatcher(nn.Module):
         detr = cfg.MODEL.DETR
         return {"cost_class": detr.COST_CLASS, "cost_bbox": detr.COST_BBOX, "cost_giou": detr.COST_GIOU}
 
+    @staticmethod
+    def class_cost(logits, target_labels):
+        """logits [L, N, K+1], target_labels [T] -> [L, N, T]: minus the softmax probability
+        of each target's class."""
+        return -logits.softmax(-1)[..., target_labels]
+
     def cost_matrices(self, logits, boxes, targets):
         """logits [L, B, Q, K+1], boxes [L, B, Q, 4] cxcywh normalised; targets: per image
         {"labels": [n], "boxes": [n, 4] cxcywh normalised} -> costs [L, B*Q, sum n]."""
         target_labels = torch.cat([t["labels"] for t in targets])
         target_boxes = torch.cat([t["boxes"] for t in targets])
-        prob = logits.flatten(1, 2).softmax(-1)
+        cost_class = self.class_cost(logits.flatten(1, 2), target_labels)
         pred_boxes = boxes.flatten(1, 2)
-        cost_class = -prob[..., target_labels]
         cost_bbox = torch.cdist(pred_boxes, target_boxes[None].expand(len(pred_boxes), -1, -1), p=1)
         pred_xyxy = box_convert(pred_boxes.flatten(0, 1), "cxcywh", "xyxy")
         giou = generalized_box_iou(pred_xyxy, box_convert(target_boxes, "cxcywh", "xyxy"))

@@ -12,14 +12,17 @@ from torch import nn
 class PositionEmbeddingSine(nn.Module):
     """Fixed sine/cosine embedding of the (y, x) position of each unpadded pixel.
 
-    With ``normalize`` the cumulative coordinates are divided by the unpadded extent of each
-    image and scaled to [0, 2π], so an image's embedding does not depend on its padding.
+    With ``normalize`` the cumulative coordinates (1..n, plus ``offset``) are divided by the
+    unpadded extent of each image and scaled to [0, 2π], so an image's embedding does not
+    depend on its padding. DETR uses offset 0; Deformable DETR and DINO use -0.5 (pixel
+    centres).
     Channels: the first ``num_pos_feats`` encode y, the rest x; within each, sin and cos
     of a frequency alternate.
     """
 
-    def __init__(self, num_pos_feats=128, temperature=10000, normalize=True, scale=2 * math.pi):
+    def __init__(self, num_pos_feats=128, temperature=10000, normalize=True, scale=2 * math.pi, offset=0.0):
         super().__init__()
+        self.offset = offset
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.normalize = normalize
@@ -40,8 +43,8 @@ class PositionEmbeddingSine(nn.Module):
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
-            y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-            x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+            y_embed = (y_embed + self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed + self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         frequencies = self._frequencies(mask.device)
         pos = torch.cat((self._encode(y_embed, frequencies), self._encode(x_embed, frequencies)), dim=3)
         return pos.permute(0, 3, 1, 2)
