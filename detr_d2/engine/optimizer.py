@@ -2,7 +2,10 @@
 
 Parameter groups (the reference DETR's): every trainable parameter whose name starts with
 "backbone." gets ``SOLVER.BASE_LR * SOLVER.BACKBONE_MULTIPLIER``, the others
-``SOLVER.BASE_LR``; all get ``SOLVER.WEIGHT_DECAY``. Frozen parameters
+``SOLVER.BASE_LR``; all get ``SOLVER.WEIGHT_DECAY``. The multi-scale DETRs' (Deformable
+DETR's, DINO's) sampling-offset and reference-point projections (names containing
+"sampling_offsets" or "reference_points") get ``SOLVER.BASE_LR *
+MODEL.MULTI_SCALE.LINEAR_PROJ_LR_MULTIPLIER``, as in their references. Frozen parameters
 (``requires_grad=False``, e.g. the ResNet stem and res2) are left out.
 
 Clipping (``SOLVER.CLIP_GRADIENTS``, when ENABLED), applied at each ``step()`` before the
@@ -27,24 +30,35 @@ from detr_d2.errors import SetupError
 __all__ = ["build_detr_optimizer", "detr_param_groups", "set_fused_step"]
 
 BACKBONE_PREFIX = "backbone."
+LINEAR_PROJECTION_NAMES = ("sampling_offsets", "reference_points")
 FULL_MODEL = "full_model"
 DETECTRON2_CLIP_TYPES = ("value", "norm")
 
 
-def detr_param_groups(model, base_lr, backbone_multiplier):
-    """Two parameter groups of the trainable parameters of ``model``.
+def _group_of(name):
+    if name.startswith(BACKBONE_PREFIX):
+        return "backbone"
+    if any(part in name for part in LINEAR_PROJECTION_NAMES):
+        return "linear_projection"
+    return "others"
+
+
+def detr_param_groups(model, base_lr, backbone_multiplier, linear_projection_multiplier=1.0):
+    """The parameter groups of the trainable parameters of ``model``.
 
     Returns:
-        list[dict]: ``{"params", "lr"}`` for the non-backbone parameters (lr ``base_lr``)
-        and for the "backbone." ones (lr ``base_lr * backbone_multiplier``); a group with
-        no parameters is omitted.
+        list[dict]: ``{"params", "lr"}`` for the other parameters (lr ``base_lr``), the
+        "backbone." ones (lr ``base_lr * backbone_multiplier``) and the sampling-offset /
+        reference-point projections (lr ``base_lr * linear_projection_multiplier``); a
+        group with no parameters is omitted.
     """
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for name, p in trainable if name.startswith(BACKBONE_PREFIX)]
-    others = [p for name, p in trainable if not name.startswith(BACKBONE_PREFIX)]
-    groups = [{"params": others, "lr": base_lr},
-              {"params": backbone, "lr": base_lr * backbone_multiplier}]
-    return [group for group in groups if group["params"]]
+    lrs = {"others": base_lr, "backbone": base_lr * backbone_multiplier,
+           "linear_projection": base_lr * linear_projection_multiplier}
+    params = {group: [] for group in lrs}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            params[_group_of(name)].append(parameter)
+    return [{"params": params[group], "lr": lr} for group, lr in lrs.items() if params[group]]
 
 
 def set_fused_step(optimizer, enabled):
@@ -106,7 +120,8 @@ def build_detr_optimizer(cfg, model):
     parameter names start with "backbone." where they belong to the backbone.
     """
     solver = cfg.SOLVER
-    groups = detr_param_groups(model, solver.BASE_LR, solver.BACKBONE_MULTIPLIER)
+    groups = detr_param_groups(model, solver.BASE_LR, solver.BACKBONE_MULTIPLIER,
+                               cfg.MODEL.MULTI_SCALE.LINEAR_PROJ_LR_MULTIPLIER)
     optimizer_cls = _optimizer_class(cfg)
     if issubclass(optimizer_cls, torch.optim.SGD):
         optimizer = optimizer_cls(groups, lr=solver.BASE_LR, momentum=solver.MOMENTUM,

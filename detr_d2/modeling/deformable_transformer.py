@@ -108,15 +108,20 @@ class DeformableTransformer(nn.Module):
 
     def proposal_queries(self, memory, levels, class_head, box_head):
         """Two-stage: the encoder positions' top-Q proposals (by the first class's logit) ->
-        (query_pos, tgt [B, Q, C] from their boxes' sine embedding, reference boxes [B, Q, 4]
-        detached, encoder_outputs (logits [B, S, K], boxes [B, S, 4]))."""
+        (query_pos, tgt [B, Q, C] from their boxes' sine embedding (C/2 features per
+        coordinate: the reference's 128 at C = 256), reference boxes [B, Q, 4] detached,
+        encoder_outputs (logits [B, S, K], boxes [B, S, 4]))."""
         output_memory, proposals = encoder_proposals(memory, levels.mask, levels.spatial_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_logits = class_head(output_memory)
         enc_boxes_unsigmoided = box_head(output_memory) + proposals
+        if enc_logits.shape[1] < self.two_stage_num_proposals:
+            raise ValueError(f"two-stage query selection needs at least MODEL.DETR.NUM_OBJECT_QUERIES "
+                             f"({self.two_stage_num_proposals}) encoder positions, the input gives "
+                             f"{enc_logits.shape[1]}: use larger images or fewer queries")
         top = torch.topk(enc_logits[..., 0], self.two_stage_num_proposals, dim=1)[1]
         top_boxes = torch.gather(enc_boxes_unsigmoided, 1, top[..., None].expand(-1, -1, 4)).detach().sigmoid()
-        embedding = self.pos_trans_norm(self.pos_trans(box_sine_embedding(top_boxes)))
+        embedding = self.pos_trans_norm(self.pos_trans(box_sine_embedding(top_boxes, self.d_model // 2)))
         query_pos, tgt = embedding.split(self.d_model, dim=2)
         return query_pos, tgt, top_boxes, (enc_logits, enc_boxes_unsigmoided.sigmoid())
 

@@ -121,8 +121,10 @@ class TinyCNN(Backbone):
 @BACKBONE_REGISTRY.register()
 def build_tiny_cnn_backbone(cfg, input_shape: ShapeSpec):
     """``TinyCNN`` from ``cfg.MODEL.TINY_CNN`` and ``cfg.MODEL.BACKBONE.FREEZE_AT``; with
-    ``MODEL.MASK_ON`` it also returns its earlier stages for the mask head."""
+    ``MODEL.MASK_ON``, or when MODEL.MULTI_SCALE.IN_FEATURES names a stage ("stage<k>"), it
+    also returns its earlier stages (for the mask head, for the multi-scale neck)."""
     tiny = cfg.MODEL.TINY_CNN
+    multi_scale_stages = any(name.startswith("stage") for name in cfg.MODEL.MULTI_SCALE.IN_FEATURES)
     return TinyCNN(in_channels=input_shape.channels, width=tiny.WIDTH, num_layers=tiny.NUM_LAYERS,
                    stride=tiny.STRIDE, norm=tiny.NORM, out_feature=tiny.OUT_FEATURE,
-                   freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, stage_outputs=cfg.MODEL.MASK_ON)
+                   freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT, stage_outputs=cfg.MODEL.MASK_ON or multi_scale_stages)
