@@ -1,7 +1,7 @@
 """Backbone pretraining with a throwaway CenterNet-style dense head.
 
 DETR trained from scratch on a CPU stays on its early plateau; a backbone that already
-finds objects lets it converge in minutes (DESIGN.md section 5). This package trains the
+finds objects lets it converge in minutes. This package trains the
 backbone of a DETR config (e.g. the tiny CNN of configs/shapes/Base-Shapes.yaml) on a
 COCO-json dataset to predict, on its output feature map (stride s):
 
