@@ -78,10 +78,26 @@ def _add_multi_scale_keys(cfg):
     cfg.MODEL.MULTI_SCALE.FOCAL_GAMMA = 2.0
     # Inference keeps the TOPK_DETECTIONS best (query, class) pairs of each image.
     cfg.MODEL.MULTI_SCALE.TOPK_DETECTIONS = 100
-    # Temperature of the sine position encoding of the levels.
+    # Sine position encoding of the levels: temperature, and the offset added to the
+    # cumulative pixel count before normalising (Deformable DETR -0.5, DINO 0).
     cfg.MODEL.MULTI_SCALE.POSITION_TEMPERATURE = 10000
+    cfg.MODEL.MULTI_SCALE.POSITION_OFFSET = -0.5
     # Learning-rate factor of the sampling-offset and reference-point projections.
     cfg.MODEL.MULTI_SCALE.LINEAR_PROJ_LR_MULTIPLIER = 0.1
+
+
+def _add_dino_keys(cfg):
+    # DINO (MODEL.META_ARCHITECTURE "Dino"): contrastive denoising in training. DN_NUMBER
+    # noised copies of the targets, as positive + negative groups (0: no denoising); each
+    # label is replaced by a random class with probability DN_LABEL_NOISE_RATIO / 2; box
+    # corners move by up to DN_BOX_NOISE_SCALE x half the box size (negatives: 1-2x that).
+    cfg.MODEL.DINO = CN()
+    cfg.MODEL.DINO.DN_NUMBER = 100
+    cfg.MODEL.DINO.DN_LABEL_NOISE_RATIO = 0.5
+    cfg.MODEL.DINO.DN_BOX_NOISE_SCALE = 0.4
+    # One class / box head shared by every decoder layer (the reference's default) or one each.
+    cfg.MODEL.DINO.SHARE_CLASS_HEADS = True
+    cfg.MODEL.DINO.SHARE_BOX_HEADS = True
 
 
 def _add_mask_keys(cfg):
@@ -150,6 +166,7 @@ def add_detr_config(cfg):
     """Add every detr_d2 key, with the reference DETR's values, to ``cfg`` in place."""
     _add_model_keys(cfg)
     _add_multi_scale_keys(cfg)
+    _add_dino_keys(cfg)
     _add_mask_keys(cfg)
     _add_panoptic_keys(cfg)
     _add_solver_keys(cfg)

@@ -2,10 +2,12 @@
 
 DETR predicts and matches boxes as (cx, cy, w, h) normalised by the unpadded image size;
 detectron2 stores them as (x0, y0, x1, y1) in absolute pixels. Generic operations
-(format conversion, generalized IoU) come from ``torchvision.ops``.
+(format conversion, generalized IoU) come from ``torchvision.ops``; DINO's generalized IoU
+with its epsilons is ``generalized_box_iou(..., eps)``.
 """
 import torch
-from torchvision.ops import box_convert
+from torchvision.ops import box_area, box_convert
+from torchvision.ops import generalized_box_iou as torchvision_generalized_box_iou
 
 
 def absolute_xyxy_to_normalized_cxcywh(boxes, height, width):
@@ -25,3 +27,18 @@ def inverse_sigmoid(x, eps=1e-5):
     multi-scale DETRs' box refinement computes it)."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def generalized_box_iou(boxes1, boxes2, eps=0.0):
+    """Pairwise generalized IoU of xyxy boxes [N, 4] and [M, 4] -> [N, M]: torchvision's,
+    or with ``eps`` > 0 DINO's form, which adds ``eps`` to the union and to the enclosing
+    area before dividing."""
+    if eps == 0:
+        return torchvision_generalized_box_iou(boxes1, boxes2)
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    inner = (torch.min(boxes1[:, None, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, None, :2], boxes2[:, :2])).clamp(min=0)
+    intersection = inner[..., 0] * inner[..., 1]
+    union = area1[:, None] + area2 - intersection
+    outer = (torch.max(boxes1[:, None, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, None, :2], boxes2[:, :2])).clamp(min=0)
+    enclosing = outer[..., 0] * outer[..., 1]
+    return intersection / (union + eps) - (enclosing - union) / (enclosing + eps)

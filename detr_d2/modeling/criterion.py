@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.utils import comm
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert
 
+from detr_d2.modeling.box_ops import generalized_box_iou
 from detr_d2.modeling.float32 import float32_island
 from detr_d2.modeling.matcher import HungarianMatcher
 
@@ -48,12 +49,13 @@ def _largest_mask_size(targets):
 
 
 def _batch_entry(value, index):
-    """Image ``index`` of a per-batch value: a tensor [B, ...] (kept as [1, ...]), a tuple of
-    them (each sliced), or None."""
+    """Image ``index`` of a per-batch value: a tensor [B, ...] (kept as [1, ...]), a tuple or
+    NamedTuple of them (each sliced; None items stay None), or None."""
     if value is None:
         return None
     if isinstance(value, tuple):
-        return type(value)(item[index:index + 1] for item in value)
+        items = [_batch_entry(item, index) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value[index:index + 1]
 
 
@@ -129,9 +131,10 @@ class SetCriterion(nn.Module):
     @configurable
     def __init__(self, *, num_classes, matcher, no_object_weight=0.1, class_weight=1.0,
                  l1_weight=5.0, giou_weight=2.0, num_decoder_layers=6, deep_supervision=True,
-                 mask_weights=None):
+                 mask_weights=None, giou_epsilon=0.0):
         super().__init__()
         self.num_classes = num_classes
+        self.giou_epsilon = giou_epsilon
         self.matcher = matcher
         self.deep_supervision = deep_supervision
         class_weights = torch.ones(num_classes + 1)
@@ -196,14 +199,13 @@ class SetCriterion(nn.Module):
         expected = torch.as_tensor([float(len(t["labels"])) for t in targets], device=logits.device)
         return {"cardinality_error": F.l1_loss(predicted, expected)}
 
-    @staticmethod
-    def loss_boxes(predictions, targets, indices, num_boxes, is_last):
+    def loss_boxes(self, predictions, targets, indices, num_boxes, is_last):
         """L1 and 1-GIoU summed over matched pairs, divided by ``num_boxes``."""
         matched_pred = predictions.boxes[_matched_positions(indices)]
         matched_target = _matched_targets(targets, indices, "boxes")
         loss_bbox = F.l1_loss(matched_pred, matched_target, reduction="none").sum() / num_boxes
         giou = torch.diag(generalized_box_iou(box_convert(matched_pred, "cxcywh", "xyxy"),
-                                              box_convert(matched_target, "cxcywh", "xyxy")))
+                                              box_convert(matched_target, "cxcywh", "xyxy"), self.giou_epsilon))
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
     @staticmethod

@@ -54,9 +54,10 @@ def build_multi_scale_neck(cfg, backbone):
 
 
 def multi_scale_position_embedding(cfg):
-    """The levels' sine position encoding: normalised, offset -0.5 (pixel centres)."""
-    return PositionEmbeddingSine(cfg.MODEL.DETR.HIDDEN_DIM // 2, temperature=cfg.MODEL.MULTI_SCALE.POSITION_TEMPERATURE,
-                                 normalize=True, offset=-0.5)
+    """The levels' normalised sine position encoding (MODEL.MULTI_SCALE.POSITION_*)."""
+    multi_scale = cfg.MODEL.MULTI_SCALE
+    return PositionEmbeddingSine(cfg.MODEL.DETR.HIDDEN_DIM // 2, temperature=multi_scale.POSITION_TEMPERATURE,
+                                 normalize=True, offset=multi_scale.POSITION_OFFSET)
 
 
 def _heads(head, count, separate):

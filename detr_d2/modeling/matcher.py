@@ -3,8 +3,9 @@ import torch
 from detectron2.config import configurable
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_convert
 
+from detr_d2.modeling.box_ops import generalized_box_iou
 from detr_d2.modeling.float32 import float32_island
 
 
@@ -23,8 +24,9 @@ class HungarianMatcher(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0):
+    def __init__(self, *, cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, giou_epsilon=0.0):
         super().__init__()
+        self.giou_epsilon = giou_epsilon
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("MODEL.DETR.COST_CLASS/COST_BBOX/COST_GIOU cannot all be 0")
         self.cost_class = cost_class
@@ -51,7 +53,7 @@ class HungarianMatcher(nn.Module):
         pred_boxes = boxes.flatten(1, 2)
         cost_bbox = torch.cdist(pred_boxes, target_boxes[None].expand(len(pred_boxes), -1, -1), p=1)
         pred_xyxy = box_convert(pred_boxes.flatten(0, 1), "cxcywh", "xyxy")
-        giou = generalized_box_iou(pred_xyxy, box_convert(target_boxes, "cxcywh", "xyxy"))
+        giou = generalized_box_iou(pred_xyxy, box_convert(target_boxes, "cxcywh", "xyxy"), self.giou_epsilon)
         cost_giou = -giou.view(cost_bbox.shape)
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
 
