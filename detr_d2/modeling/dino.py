@@ -48,6 +48,7 @@ class Dino(DeformableDetr):
         self.topk = topk
         self.mask_head = None
         self.two_stage = True
+        self.with_box_refine = True
         self.dn_number = dn_number
         self.dn_label_noise_ratio = dn_label_noise_ratio
         self.dn_box_noise_scale = dn_box_noise_scale
