@@ -4,6 +4,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from detr_d2.modeling import DeformableDetr
 from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh, normalized_cxcywh_to_absolute_xyxy
 from tests.helpers import REPO, batch_with_masks, config, merged_config, parameter_counts, small_config, training_input
 
@@ -161,13 +162,18 @@ SHIPPED_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "
 
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
 def test_every_shipped_config_loads_and_builds_a_model(name):
-    """Each YAML under configs/ resolves its _BASE_ chain with only known keys and builds a
-    Detr (NUM_CLASSES 2 and, for a panoptic config, class 0 a thing, where the config
-    leaves them to the data)."""
+    """Each YAML under configs/ resolves its _BASE_ chain with only known keys and builds its
+    model (NUM_CLASSES 2 and, for a panoptic config, class 0 a thing, where the config
+    leaves them to the data): DETR's class head has a no-object output, the sigmoid heads of
+    the multi-scale models (one per decoder layer) do not."""
     cfg = merged_config(name)
     if cfg.MODEL.DETR.NUM_CLASSES is None:
         cfg.MODEL.DETR.NUM_CLASSES = 2
     if cfg.MODEL.DETR.PANOPTIC_ON and cfg.MODEL.DETR.PANOPTIC_THING_IDS is None:
         cfg.MODEL.DETR.PANOPTIC_THING_IDS = [0]
     model = build_model(cfg)
-    assert model.class_embed.out_features == cfg.MODEL.DETR.NUM_CLASSES + 1
+    if isinstance(model, DeformableDetr):
+        assert {head.out_features for head in model.class_embed} == {cfg.MODEL.DETR.NUM_CLASSES}
+        assert len(model.class_embed) >= cfg.MODEL.DETR.DEC_LAYERS
+    else:
+        assert model.class_embed.out_features == cfg.MODEL.DETR.NUM_CLASSES + 1
