@@ -15,8 +15,12 @@ PYTEST_ARGS ?=
 PRETRAIN_DATA := datasets/shapes_pretrain
 PRETRAIN_RUN := output/shapes_detr_pretrain_single_stage
 BUNDLED := checkpoints/shapes_detr_tiny.pth
+BACKBONE := output/shapes_backbone/backbone.pth
+DINO_PRETRAIN_CONFIG := configs/shapes/dino_tiny_pretrain_bundle.yaml
+DINO_PRETRAIN_RUN := output/shapes_dino_pretrain_bundle
+DINO_BUNDLED := checkpoints/shapes_dino_tiny.pth
 
-.PHONY: install test demo demo-masks demo-panoptic pretrain clean-venv
+.PHONY: install test demo demo-masks demo-panoptic demo-dino pretrain pretrain-dino clean-venv
 
 install: $(STAMP)
 
@@ -64,6 +68,23 @@ pretrain: install
 	OMP_NUM_THREADS=1 $(PY) tools/train_net.py --config-file configs/shapes/detr_tiny_pretrain_single_stage.yaml --resume
 	$(PY) tools/slim_checkpoint.py --input $(PRETRAIN_RUN)/model_final.pth --output $(BUNDLED) \
 	  --metrics $(PRETRAIN_RUN)/metrics.json --config $(PRETRAIN_RUN)/config.yaml
+
+# The DINO twin of `make demo`: the same custom split, fine-tuning, evaluation and drawings,
+# from the bundled shapes DINO ($(DINO_BUNDLED)).
+demo-dino: install
+	$(PY) tools/run_demo.py --config-file configs/shapes/dino_tiny_finetune_custom.yaml --output output/demo_dino
+
+# Rebuild $(DINO_BUNDLED): the 6-class pretraining shapes and the tiny CNN backbone as
+# `make pretrain` makes them (the backbone is kept when $(BACKBONE) exists), then DINO on
+# top ($(DINO_PRETRAIN_CONFIG): backbone frozen), then the slim copy. Resumable: an
+# interrupted DINO run goes on from its last checkpoint (every 1000 iterations).
+pretrain-dino: install
+	$(PY) datasets/prepare_shapes.py --preset pretrain --splits train:4000,val:200 --output $(PRETRAIN_DATA)
+	@test -f $(BACKBONE) || $(PY) tools/pretrain_backbone.py --dataset-dir $(PRETRAIN_DATA) --max-iter 2400 \
+	  --max-minutes 0 --eval-period 400 --output $(BACKBONE)
+	OMP_NUM_THREADS=1 $(PY) tools/train_net.py --config-file $(DINO_PRETRAIN_CONFIG) --resume
+	$(PY) tools/slim_checkpoint.py --input $(DINO_PRETRAIN_RUN)/model_final.pth --output $(DINO_BUNDLED) \
+	  --metrics $(DINO_PRETRAIN_RUN)/metrics.json --config $(DINO_PRETRAIN_RUN)/config.yaml
 
 clean-venv:
 	rm -rf $(VENV)
