@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """Plot the training and validation curves of one or more runs from their metrics.json.
 
-    python tools/plot_logs.py OUTPUT_DIR [OUTPUT_DIR ...] --output curves.png [--smooth K]
+    python tools/plot_logs.py OUTPUT_DIR [OUTPUT_DIR ...] --output curves.png [--smooth K] \
+        [--labels NAME ...] [--x {iteration,minutes} ...] [--panels KEY ...] [--title TEXT]
 
 Each OUTPUT_DIR is a training run's folder holding detectron2's ``metrics.json`` (one JSON
 object per line with "iteration" and the scalars logged then; evaluation lines carry
 "bbox/AP", "bbox/AP50" and, with TEST.EVAL_LOSSES, the criterion on the test set as
 "val/loss", "val/loss_ce", ...). One panel per metric (total_loss, loss_ce, loss_bbox,
-loss_giou, class_error, cardinality_error, lr, bbox/AP, bbox/AP50) against the iteration,
-the runs overlaid in their own colour and named by their folder. The loss and error
-panels draw the training value as a line and the validation value at each evaluation
+loss_giou, class_error, cardinality_error, lr, bbox/AP, bbox/AP50; or those of --panels:
+any logged key, those with a "/" drawn as evaluations) against the iteration, the runs
+overlaid in their own colour and named by their folder (or by --labels). ``--x minutes``
+puts training minutes on the x axis instead: each run's logged seconds per iteration
+("time", the training step without evaluations) summed over its iterations; ``--x
+iteration minutes`` draws one row of panels per axis. The loss and error panels draw the training value as a line and the validation value at each evaluation
 as a dashed line with markers (total_loss beside val/loss); with several test sets each
 has its own marker ("<dataset>/val/..." keys). ``--smooth K`` plots the training losses
 and errors as a trailing moving average over K logged points. When a resumed run logged
@@ -21,6 +25,7 @@ import io
 import json
 import logging
 import os
+import math
 import sys
 
 import detr_d2  # noqa: F401  (first: compat fixes)
@@ -35,10 +40,11 @@ from detr_d2.utils.tool_setup import positive_int, run_tool, setup_tool_logging
 PANELS = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error",
           "lr", "bbox/AP", "bbox/AP50")
 SMOOTHED = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
-EVALUATED = ("bbox/AP", "bbox/AP50")
 VALIDATION_NAME = {"total_loss": "loss"}  # training metric -> its name among the val/ statistics
 TEST_SET_MARKERS = ("o", "s", "^", "D", "v")
 FIGURE_FORMATS = ("png", "pdf", "svg")
+X_AXES = {"iteration": "iteration", "minutes": "training minutes (sum of the logged iteration times)"}
+GRID_COLUMNS = 3
 METRICS_FILE = "metrics.json"
 
 logger = logging.getLogger("detectron2")
@@ -51,6 +57,15 @@ def build_parser():
     parser.add_argument("--output", required=True, metavar="FILE", help="figure file (.png, .pdf, .svg)")
     parser.add_argument("--smooth", type=positive_int, default=1, metavar="K",
                         help="moving-average window of the losses, in logged points (default: 1, none)")
+    parser.add_argument("--labels", nargs="+", metavar="NAME",
+                        help="legend names of the runs, one per OUTPUT_DIR (default: their folder names)")
+    parser.add_argument("--x", nargs="+", choices=tuple(X_AXES), default=["iteration"], dest="x_axes",
+                        help="x axis: iteration and/or minutes (training minutes: the logged seconds per "
+                             "iteration summed); several: one row of panels each (default: iteration)")
+    parser.add_argument("--title", default="training and validation curves", help="figure title")
+    parser.add_argument("--panels", nargs="+", metavar="KEY", default=list(PANELS),
+                        help="metrics to draw, one panel each, e.g. bbox/AP bbox/AP50 (default: "
+                             f"{' '.join(PANELS)})")
     return parser
 
 
@@ -91,10 +106,40 @@ def moving_average(values, window):
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
-def run_labels(run_dirs):
-    """Legend label of each run: its folder name, or the path as given when names repeat."""
+def run_labels(run_dirs, labels=None):
+    """Legend label of each run: ``labels`` (one per run), else its folder name, or the path
+    as given when names repeat."""
+    if labels is not None:
+        if len(labels) != len(run_dirs):
+            raise SetupError(f"--labels gives {len(labels)} name(s) for {len(run_dirs)} run(s); give one per OUTPUT_DIR")
+        return list(labels)
     names = [os.path.basename(os.path.normpath(run)) for run in run_dirs]
     return [name if names.count(name) == 1 else run for name, run in zip(names, run_dirs)]
+
+
+def is_evaluated(key):
+    """Whether ``key`` is logged at evaluations ("bbox/AP", "val/loss_ce", ...): it has a "/"."""
+    return "/" in key
+
+
+def training_clock(rows):
+    """(iterations, training minutes at each): the logged seconds per iteration ("time")
+    times the iterations since the previous logged row, summed; None without "time"."""
+    iterations, seconds = metric_series(rows, "time")
+    if not len(iterations):
+        return None
+    steps = np.diff(np.concatenate([[-1.0], iterations]))
+    return iterations, np.cumsum(steps * seconds) / 60.0
+
+
+def x_transform(label, rows, x_axis):
+    """The function mapping a run's iterations to its ``x_axis`` values."""
+    if x_axis == "iteration":
+        return lambda iterations: iterations
+    clock = training_clock(rows)
+    if clock is None:
+        raise SetupError(f"--x minutes: run {label} logged no iteration times ('time' in its {METRICS_FILE})")
+    return lambda iterations: np.interp(iterations, *clock)
 
 
 def keys_ending_in(rows, suffix):
@@ -106,32 +151,33 @@ def keys_ending_in(rows, suffix):
 def evaluation_keys(rows, key):
     """The keys of ``rows`` drawn as evaluations in panel ``key``: its AP keys, or for a
     training loss or error its validation counterparts ("val/<name>")."""
-    if key in EVALUATED:
+    if is_evaluated(key):
         return keys_ending_in(rows, key)
     if key in SMOOTHED:
         return keys_ending_in(rows, "val/" + VALIDATION_NAME.get(key, key))
     return []
 
 
-def plot_panel(axes, key, runs, smooth):
-    """Draw metric ``key`` of every (label, rows) run into ``axes`` (run i in colour Ci): the
-    training value as a line, evaluations with markers (validation values dashed).
-    Returns the validation keys drawn."""
+def plot_panel(axes, key, runs, smooth, x_axis="iteration"):
+    """Draw metric ``key`` of every (label, rows) run into ``axes`` (run i in colour Ci)
+    against ``x_axis``: the training value as a line, evaluations with markers (validation
+    values dashed). Returns the validation keys drawn."""
     drawn, validation = False, set()
     for index, (label, rows) in enumerate(runs):
+        to_x = x_transform(label, rows, x_axis)
         iterations, values = metric_series(rows, key)
-        if len(values) and key not in EVALUATED:
+        if len(values) and not is_evaluated(key):
             if key in SMOOTHED and smooth > 1:
                 values = moving_average(values, smooth)
-            axes.plot(iterations, values, color=f"C{index}", label=label)
+            axes.plot(to_x(iterations), values, color=f"C{index}", label=label)
             drawn = True
         for number, evaluated in enumerate(evaluation_keys(rows, key)):
             iterations, values = metric_series(rows, evaluated)
-            style = "-" if key in EVALUATED else "--"
-            axes.plot(iterations, values, color=f"C{index}", linestyle=style,
+            style = "-" if is_evaluated(key) else "--"
+            axes.plot(to_x(iterations), values, color=f"C{index}", linestyle=style,
                       marker=TEST_SET_MARKERS[number % len(TEST_SET_MARKERS)], markersize=4)
             drawn = True
-            validation.update([evaluated] if key not in EVALUATED else [])
+            validation.update([] if is_evaluated(key) else [evaluated])
     axes.set_title(f"{key} (dashed: validation)" if validation else key)
     axes.grid(alpha=0.3)
     if not drawn:
@@ -139,16 +185,42 @@ def plot_panel(axes, key, runs, smooth):
     return validation
 
 
-def curves_figure(runs, smooth):
-    """(3x3 Figure with one panel per metric of PANELS (a shared iteration axis) and a
+def panel_grid(figure, num_panels, x_axes):
+    """[(axes, panel index, x axis)] of the figure: with one x axis the panels in rows of
+    GRID_COLUMNS (unused cells hidden), with several one row per x axis."""
+    if len(x_axes) > 1:
+        grid = figure.subplots(len(x_axes), num_panels, sharex="row", squeeze=False)
+        return [(grid[row, column], column, x_axis) for row, x_axis in enumerate(x_axes)
+                for column in range(num_panels)]
+    columns = min(num_panels, GRID_COLUMNS)
+    grid = figure.subplots(math.ceil(num_panels / columns), columns, sharex=True, squeeze=False)
+    for axes in grid.flat[num_panels:]:
+        axes.set_visible(False)
+    return [(axes, index, x_axes[0]) for index, axes in enumerate(grid.flat[:num_panels])]
+
+
+def label_bottom_axes(cells):
+    """Name the x axis, with tick labels, under the lowest panel of each column (of each x
+    axis's row with several)."""
+    lowest = {}
+    for axes, _, x_axis in cells:  # row by row: the lowest comes last
+        lowest[(x_axis, axes.get_subplotspec().colspan.start)] = axes
+    for (x_axis, _), axes in lowest.items():
+        axes.xaxis.set_tick_params(labelbottom=True)
+        axes.set_xlabel(X_AXES[x_axis])
+
+
+def curves_figure(runs, smooth, panels=PANELS, x_axes=("iteration",), title="training and validation curves"):
+    """(Figure with one panel per metric of ``panels`` (per x axis of ``x_axes``) and a
     legend of the runs and line styles, sorted validation keys drawn)."""
-    figure = Figure(figsize=(13, 9.5), dpi=100, layout="constrained")
-    grid = figure.subplots(3, 3, sharex=True)
+    rows = len(x_axes) if len(x_axes) > 1 else math.ceil(len(panels) / GRID_COLUMNS)
+    columns = len(panels) if len(x_axes) > 1 else min(len(panels), GRID_COLUMNS)
+    figure = Figure(figsize=(1.0 + 4.0 * columns, 1.2 + 2.8 * rows), dpi=100, layout="constrained")
     validation = set()
-    for axes, key in zip(grid.flat, PANELS):
-        validation |= plot_panel(axes, key, runs, smooth)
-    for axes in grid[-1]:
-        axes.set_xlabel("iteration")
+    cells = panel_grid(figure, len(panels), list(x_axes))
+    for axes, index, x_axis in cells:
+        validation |= plot_panel(axes, panels[index], runs, smooth, x_axis)
+    label_bottom_axes(cells)
     handles = [Line2D([], [], color=f"C{index}") for index in range(len(runs))]
     labels = [label for label, _ in runs]
     if validation:
@@ -156,7 +228,7 @@ def curves_figure(runs, smooth):
         labels += ["training", "validation (test set, at each evaluation)"]
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 4))
     smoothing = f" (training losses and errors: moving average of {smooth} points)" if smooth > 1 else ""
-    figure.suptitle(f"training and validation curves{smoothing}")
+    figure.suptitle(f"{title}{smoothing}")
     return figure, sorted(validation)
 
 
@@ -166,9 +238,9 @@ def main(argv=None):
     extension = os.path.splitext(args.output)[1].lower().lstrip(".")
     if extension not in FIGURE_FORMATS:
         raise SetupError(f"--output {args.output}: use one of the extensions {', '.join(FIGURE_FORMATS)}")
-    runs = list(zip(run_labels(args.runs), [read_metrics(run) for run in args.runs]))
+    runs = list(zip(run_labels(args.runs, args.labels), [read_metrics(run) for run in args.runs]))
     buffer = io.BytesIO()
-    figure, validation = curves_figure(runs, args.smooth)
+    figure, validation = curves_figure(runs, args.smooth, args.panels, args.x_axes, args.title)
     figure.savefig(buffer, format=extension)
     atomic_write(args.output, lambda file: file.write(buffer.getvalue()))
     drawn = f"; validation curves: {', '.join(validation)}" if validation else "; no validation values logged"

@@ -4,6 +4,7 @@ real subprocess on the converted tiny reference model and a small shapes dataset
 The model is the reference fixture ../shared/fixtures/detr_upstream_tiny (4 classes, random
 weights), converted with the converter CLI; the data: 4 shape classes, 128-px images.
 """
+import importlib.util
 import json
 import math
 import os
@@ -307,6 +308,47 @@ def test_plot_logs_draws_validation_beside_training(tmp_path):
     assert plots["with_val"].shape == plots["without"].shape
     differs = np.abs(plots["with_val"].astype(int) - plots["without"].astype(int)).max(axis=2) > 50
     assert differs.mean() > 0.002
+
+
+def plot_logs_module():
+    """tools/plot_logs.py as a module (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("plot_logs_tool", REPO / "tools" / "plot_logs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plot_logs_training_minutes_sum_the_logged_iteration_times():
+    """Rows logged every 20 iterations from iteration 19: 20 iterations at each row's "time"."""
+    rows = [{"iteration": 19, "time": 0.3}, {"iteration": 39, "time": 0.6}, {"iteration": 40, "bbox/AP": 5.0},
+            {"iteration": 59, "time": 0.3}]
+    iterations, minutes = plot_logs_module().training_clock(rows)
+    assert iterations.tolist() == [19, 39, 59]
+    assert minutes.tolist() == pytest.approx([20 * 0.3 / 60, 20 * 0.9 / 60, 20 * 1.2 / 60])
+    assert plot_logs_module().training_clock([{"iteration": 40, "bbox/AP": 5.0}]) is None
+
+
+def test_plot_logs_names_runs_and_draws_panels_against_iterations_and_minutes(tmp_path):
+    write_metrics(tmp_path / "run_a", 400, 100, decay=150)
+    write_metrics(tmp_path / "run_b", 300, 100, decay=80)
+    runs, common = [tmp_path / "run_a", tmp_path / "run_b"], ["--panels", "bbox/AP", "bbox/AP50"]
+    figures = {}
+    for x_axes in (["iteration"], ["minutes"], ["iteration", "minutes"]):
+        output = tmp_path / f"{'_'.join(x_axes)}.png"
+        result = run_tool("plot_logs.py", *runs, "--labels", "A", "B", "--x", *x_axes, *common, "--output", output)
+        assert result.returncode == 0, result.stdout + result.stderr
+        figures[tuple(x_axes)] = read_rgb(output)
+    one_row = figures[("iteration",)]
+    assert figures[("iteration", "minutes")].shape[0] > 1.5 * one_row.shape[0]  # a row of panels per axis
+    assert figures[("minutes",)].shape == one_row.shape and not np.array_equal(figures[("minutes",)], one_row)
+    wrong = run_tool("plot_logs.py", *runs, "--labels", "A", "--output", tmp_path / "x.png")
+    assert wrong.returncode == 2 and "--labels gives 1 name(s) for 2 run(s)" in wrong.stderr
+    timeless = tmp_path / "timeless"
+    timeless.mkdir()
+    (timeless / "metrics.json").write_text(json.dumps({"iteration": 99, "bbox/AP": 5.0}) + "\n")
+    no_time = run_tool("plot_logs.py", timeless, "--x", "minutes", "--output", tmp_path / "y.png")
+    assert no_time.returncode == 2 and "logged no iteration times" in no_time.stderr
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
 def test_analyze_model_counts_parameters_and_flops(setup, tmp_path):
