@@ -11,7 +11,9 @@ import torch
 
 from detr_d2.engine.precision import AUTO, PRECISIONS, check_precision
 from detr_d2.errors import SetupError
+from detr_d2.modeling import DeformableDetr
 from detr_d2.modeling.mask_head import mask_head_size_problems
+from detr_d2.modeling.multi_scale.neck import GROUP_NORM_GROUPS
 
 __all__ = [
     "check_amp",
@@ -96,6 +98,69 @@ def _check_panoptic(model):
              "remove the key to take the thing classes from DATASETS.TRAIN's metadata, or fix it")
 
 
+def _multi_scale_architectures():
+    """The registered names (class names) of DeformableDetr and its subclasses."""
+    names, classes = set(), [DeformableDetr]
+    while classes:
+        cls = classes.pop()
+        names.add(cls.__name__)
+        classes.extend(cls.__subclasses__())
+    return names
+
+
+def _is_multi_scale(model):
+    """Whether MODEL.META_ARCHITECTURE names DeformableDetr or a subclass of it."""
+    return model.META_ARCHITECTURE in _multi_scale_architectures()
+
+
+def _refuse_detr_only_options(model):
+    """The DETR options a multi-scale architecture does not have, each refused by its key."""
+    detr, name = model.DETR, model.META_ARCHITECTURE
+    refusals = (  # key, value, supported, (the supported value, why)
+        ("MODEL.MASK_ON", model.MASK_ON, not model.MASK_ON, ("False", "it has no mask head")),
+        ("MODEL.DETR.PANOPTIC_ON", detr.PANOPTIC_ON, not detr.PANOPTIC_ON, ("False", "it has no mask head")),
+        ("MODEL.DETR.FROZEN_WEIGHTS", detr.FROZEN_WEIGHTS, not detr.FROZEN_WEIGHTS,
+         ("empty", "it has no mask head to train on a frozen detector")),
+        ("MODEL.DETR.NUM_QUERY_GROUPS", detr.NUM_QUERY_GROUPS, detr.NUM_QUERY_GROUPS == 1,
+         ("1", "query groups are a training aid of 'Detr'")),
+        ("MODEL.DETR.POSITION_EMBEDDING", detr.POSITION_EMBEDDING, detr.POSITION_EMBEDDING == "sine",
+         ("'sine'", "its levels' encoding is set by MODEL.MULTI_SCALE.POSITION_*")),
+        ("MODEL.DETR.PRE_NORM", detr.PRE_NORM, not detr.PRE_NORM, ("False", "its layers normalise after each block")),
+    )
+    for key, value, supported, (rule, reason) in refusals:
+        _require(supported, key, value, f"{rule} with MODEL.META_ARCHITECTURE {name!r} ({reason})",
+                 "remove the key, or use MODEL.META_ARCHITECTURE 'Detr'")
+
+
+def _check_multi_scale(model):
+    """For DeformableDetr (and its subclasses): the DETR-only options refused, and the
+    MODEL.MULTI_SCALE values it can build (levels, points, top-k, focal parameters)."""
+    if not _is_multi_scale(model):
+        return
+    _refuse_detr_only_options(model)
+    multi_scale, hidden_dim = model.MULTI_SCALE, model.DETR.HIDDEN_DIM
+    in_features = multi_scale.IN_FEATURES
+    _require(isinstance(in_features, (list, tuple)) and in_features and all(isinstance(f, str) for f in in_features),
+             "MODEL.MULTI_SCALE.IN_FEATURES", in_features, "a non-empty list of backbone output names",
+             "e.g. ['res3', 'res4', 'res5']")
+    _require(_is_int(multi_scale.NUM_FEATURE_LEVELS) and multi_scale.NUM_FEATURE_LEVELS >= len(in_features),
+             "MODEL.MULTI_SCALE.NUM_FEATURE_LEVELS", multi_scale.NUM_FEATURE_LEVELS,
+             f"an integer >= the {len(in_features)} MODEL.MULTI_SCALE.IN_FEATURES (the levels beyond them "
+             "are extra stride-2 convolutions)",
+             f"e.g. MODEL.MULTI_SCALE.NUM_FEATURE_LEVELS {len(in_features) + 1}")
+    for key in ("ENC_N_POINTS", "DEC_N_POINTS", "TOPK_DETECTIONS"):
+        _require(_is_int(multi_scale[key]) and multi_scale[key] >= 1, f"MODEL.MULTI_SCALE.{key}", multi_scale[key],
+                 "a positive integer", "fix the value")
+    _require(0.0 <= multi_scale.FOCAL_ALPHA <= 1.0, "MODEL.MULTI_SCALE.FOCAL_ALPHA", multi_scale.FOCAL_ALPHA,
+             "in [0, 1]", "the reference uses 0.25")
+    _require(multi_scale.FOCAL_GAMMA >= 0.0, "MODEL.MULTI_SCALE.FOCAL_GAMMA", multi_scale.FOCAL_GAMMA,
+             ">= 0", "the reference uses 2")
+    _require(hidden_dim % GROUP_NORM_GROUPS == 0, "MODEL.DETR.HIDDEN_DIM", hidden_dim,
+             f"a multiple of {GROUP_NORM_GROUPS} with MODEL.META_ARCHITECTURE {model.META_ARCHITECTURE!r} "
+             f"(the multi-scale neck's GroupNorm has {GROUP_NORM_GROUPS} groups)",
+             f"e.g. MODEL.DETR.HIDDEN_DIM {max(1, round(hidden_dim / GROUP_NORM_GROUPS)) * GROUP_NORM_GROUPS}")
+
+
 def _check_solver(solver):
     """A non-negative, finite BASE_LR; at least one image per batch; a known AMP precision."""
     _require(math.isfinite(solver.BASE_LR) and solver.BASE_LR >= 0, "SOLVER.BASE_LR", solver.BASE_LR,
@@ -118,10 +183,11 @@ def _check_test(test):
 
 
 def check_model_config(cfg):
-    """Values of MODEL.DETR, MODEL.MASK_ON and SOLVER that would fail deep inside model
-    building or training."""
+    """Values of MODEL.DETR, MODEL.MULTI_SCALE, MODEL.MASK_ON and SOLVER that would fail deep
+    inside model building or training, or that the architecture would ignore."""
     _check_detr_sizes(cfg.MODEL.DETR)
     _check_detr_options(cfg.MODEL.DETR)
+    _check_multi_scale(cfg.MODEL)
     _check_masks(cfg.MODEL)
     _check_panoptic(cfg.MODEL)
     _check_solver(cfg.SOLVER)
