@@ -3,20 +3,27 @@
 
     python tools/visualize_attention.py --config-file CFG --input PATH [PATH ...] --output DIR \\
         [--confidence-threshold 0.5] [--points "x,y;x,y"] [--per-head] [--panel-size 384] \\
-        [--opts KEY VALUE ...]
+        [--levels "0,1"] [--opts KEY VALUE ...]
 
 PATH: image files, folders (the images directly inside) or glob patterns (quote them).
 Into DIR goes one grid per image, ``<name>.png``: the detections scoring at least the
-threshold drawn by detectron2's Visualizer, then for each of them the last decoder layer's
-cross-attention of its query as a heat map over the image; below, for each point, the last
-encoder layer's self-attention from the feature cell holding it. Points are pixels (x, y)
-of the input images; by default the box centres of the 3 best detections, duplicates
-skipped (the image centre when nothing is detected). Maps are averaged over the attention
-heads; ``--per-head`` draws one panel per head instead. Panels show the image scaled to a
-longer side of ``--panel-size`` pixels. MODEL.WEIGHTS is given through ``--opts``.
+threshold drawn by detectron2's Visualizer, then for each of them what its query attends
+to in the last decoder layer; below, for each point, what the last encoder layer attends
+to from there. Points are pixels (x, y) of the input images; by default the box centres of
+the 3 best detections, duplicates skipped (the image centre when nothing is detected).
+Panels show the image scaled to a longer side of ``--panel-size`` pixels. MODEL.WEIGHTS is
+given through ``--opts``.
+
+DETR (Detr, GroupDetr): the cross-attention of the detection's query and the encoder
+self-attention from the feature cell holding each point, as heat maps averaged over the
+attention heads (``--per-head``: one panel per head).
+DeformableDetr and Dino: the sampling points of the deformable attention, coloured by
+feature level, their area by attention weight, with the query's reference point (and
+reference box); the encoder's from the finest level's cell holding each point. All heads
+in one panel (``--per-head``: one panel per head); ``--levels`` draws only those levels.
 
 Exit status: 0; 1 if some input could not be read (each is reported, the others are
-processed); 2 on a setup problem (config, weights, --points), reported in one line.
+processed); 2 on a setup problem (config, weights, --points, --levels), reported in one line.
 """
 import argparse
 import logging
@@ -25,7 +32,12 @@ import sys
 import detr_d2  # noqa: F401  (first: compat fixes, registers Detr)
 from detectron2.data.detection_utils import convert_image_to_rgb
 
-from detr_d2.analysis import detections_with_attention
+from detr_d2.analysis import (
+    detections_with_attention,
+    detections_with_sampling,
+    feature_level_count,
+    has_sampling_points,
+)
 from detr_d2.engine import build_config
 from detr_d2.utils.attention_drawing import (
     PANEL_SIDE,
@@ -38,6 +50,7 @@ from detr_d2.utils.attention_drawing import (
 from detr_d2.utils.inputs import InputFailure, OutputPaths, UnreadableInput, expand_inputs, is_video, read_input_image
 from detr_d2.utils.outputs import write_png
 from detr_d2.utils.predictor import BatchPredictor
+from detr_d2.utils.sampling_drawing import check_levels, parse_levels, sampling_grid
 from detr_d2.utils.tool_setup import (
     EXIT_INPUT_FAILED,
     check_class_count,
@@ -64,9 +77,13 @@ def build_parser():
     parser.add_argument("--points", metavar='"x,y;x,y"',
                         help="pixels to draw the encoder self-attention from (default: the box "
                              "centres of the 3 best detections)")
-    parser.add_argument("--per-head", action="store_true", help="one map per attention head, not their mean")
+    parser.add_argument("--per-head", action="store_true",
+                        help="one panel per attention head, not the heads together")
     parser.add_argument("--panel-size", type=positive_int, default=PANEL_SIDE, metavar="PIXELS",
                         help="longer side of each panel of the grid (default: %(default)s)")
+    parser.add_argument("--levels", metavar='"0,1"',
+                        help="DeformableDetr / Dino: draw the sampling points of these feature levels only "
+                             "(default: all)")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="read MODEL.WEIGHTS with full unpickling, which runs code from the file: "
                              "only for files whose origin you trust")
@@ -81,9 +98,16 @@ def draw_image(predictor, path, args, points, class_names):
     height, width = image.shape[:2]
     if points:
         check_points_inside(points, height, width, path)
-    [(instances, attention)] = detections_with_attention(predictor.model, [predictor.model_input(image)])
-    queries = confident_queries(instances, args.confidence_threshold)
     rgb = convert_image_to_rgb(image, predictor.image_format)
+    model_input = predictor.model_input(image)
+    if has_sampling_points(predictor.model):
+        [(instances, queries, sampling)] = detections_with_sampling(predictor.model, [model_input])
+        detections = confident_queries(instances, args.confidence_threshold)
+        return sampling_grid(rgb, instances, detections, queries, sampling,
+                             points or default_points(instances[detections], height, width), class_names,
+                             args.per_head, args.panel_size, args.levels)
+    [(instances, attention)] = detections_with_attention(predictor.model, [model_input])
+    queries = confident_queries(instances, args.confidence_threshold)
     return attention_grid(rgb, instances, queries, attention,
                           points or default_points(instances[queries], height, width), class_names, args.per_head,
                           args.panel_size)
@@ -92,6 +116,7 @@ def draw_image(predictor, path, args, points, class_names):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     points = parse_points(args.points) if args.points is not None else None
+    args.levels = parse_levels(args.levels) if args.levels is not None else None
     setup_tool_logging()
     cfg = build_config(args.config_file, args.opts, all_datasets_registered=False)
     metadata = metadata_with_class_names(cfg)
@@ -99,6 +124,8 @@ def main(argv=None):
     failures += [InputFailure(path, "a video: this tool draws images") for path in filter(is_video, paths)]
     predictor = BatchPredictor(cfg, trust_pickle=args.trust_pickle)
     check_class_count(metadata, predictor.num_classes)
+    if args.levels is not None:
+        check_levels(args.levels, feature_level_count(predictor.model), type(predictor.model).__name__)
     output_paths = OutputPaths(make_output_folder(args.output), paths)
     written = 0
     for path in [path for path in paths if not is_video(path)]:

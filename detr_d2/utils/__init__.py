@@ -6,6 +6,8 @@ plot_logs.py, analyze_model.py).
 * ``predictor``: a batch predictor (test-time resize, weights loading, score threshold);
 * ``outputs``: drawings with detectron2's Visualizer, COCO-format result records, atomic
   PNG / JSON writes.
-* ``attention_drawing``: the attention grids of tools/visualize_attention.py;
+* ``attention_drawing``: DETR's attention grids of tools/visualize_attention.py;
+  ``sampling_drawing``: its grids of DeformableDetr's and Dino's sampling points;
+  ``panel_grid``: the captioned panels both are made of;
 * ``demo_steps``: the timed, echoed steps of tools/run_demo.py and tools/run_panoptic_demo.py.
 """

@@ -1,9 +1,7 @@
 """Drawings of what DETR attends to (tools/visualize_attention.py): one grid per image.
 
-Every panel is the image scaled so that its longer side is ``panel_side`` pixels (384 by
-default: small images are enlarged, so that boxes and labels stay readable), with a
-caption above it.
-Rows of the grid:
+Every panel is the image scaled to a longer side of ``panel_side`` pixels, with a caption
+above it (``panel_grid``). Rows of the grid:
 
 * decoder: the image with every kept detection (box, class, score) drawn by detectron2's
   Visualizer, then, for each detection, the last decoder layer's cross-attention of its
@@ -15,32 +13,33 @@ Maps are averaged over the heads, or (``per_head``) drawn one panel per head, a 
 detection and per point. Each heat map is scaled to its own maximum (the colour scale is
 relative: compare shapes, not brightness, between panels).
 """
-import functools
 import re
 
 import cv2
 import numpy as np
 import torch
-from detectron2.utils.colormap import colormap
-from detectron2.utils.visualizer import Visualizer
-from matplotlib import colormaps, font_manager
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib import colormaps
 
 from detr_d2.errors import SetupError
+from detr_d2.utils.panel_grid import (
+    CAPTION_HEIGHT,
+    GAP,
+    MAX_COLUMNS,
+    PANEL_SIDE,
+    PanelImage,
+    captioned,
+    grid_of_rows,
+    mark_points,
+    wrapped,
+)
 
 __all__ = ["CAPTION_HEIGHT", "DEFAULT_POINT_COUNT", "GAP", "MAX_COLUMNS", "PANEL_SIDE", "attention_grid",
            "check_points_inside", "confident_queries", "default_points", "parse_points"]
 
-PANEL_SIDE = 384  # pixels of a panel's longer side, by default
-CAPTION_HEIGHT = 24
-CAPTION_FONT_SIZE = 15  # pixels
-GAP = 8  # white pixels between panels
 HEAT_COLORMAP = "inferno"
 HEAT_OPACITY = 0.85  # of the colour where the map is at its maximum; less where it is lower
 GREY_BRIGHTNESS = 0.8  # the image under a heat map, in grey
-LABEL_FONT_SIZE = 11
 DEFAULT_POINT_COUNT = 3  # points by default: the centres of this many top detections
-MAX_COLUMNS = 6  # panels per grid row when maps are averaged over heads
 POINT_PATTERN = re.compile(r"\s*(-?\d+(?:\.\d*)?)\s*,\s*(-?\d+(?:\.\d*)?)\s*")
 
 
@@ -83,19 +82,6 @@ def default_points(detections, height, width):
     return points or [(width / 2, height / 2)]
 
 
-def _panel_size(height, width, side):
-    """(height, width) of a panel: the image scaled to a longer side of ``side`` pixels."""
-    scale = side / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def _resized(image_rgb, size):
-    """The image resized to ``size`` (height, width), smooth both ways."""
-    shrinking = size[0] < image_rgb.shape[0]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image_rgb, (size[1], size[0]), interpolation=interpolation)
-
-
 def _heat_overlay(image_rgb, heat):
     """HWC uint8: ``heat`` [H, W] (>= 0, scaled to its maximum) coloured with HEAT_COLORMAP
     over the image in grey, opaque in proportion to the value (the image shows where it is
@@ -108,92 +94,12 @@ def _heat_overlay(image_rgb, heat):
     return (grey * (1.0 - opacity) + colours * opacity).round().astype(np.uint8)
 
 
-def _detection_colours(count):
-    """``count`` RGB colours in [0, 1], detectron2's palette in order (the same detection
-    has the same colour in every panel)."""
-    palette = colormap(rgb=True, maximum=1)
-    return [palette[index % len(palette)] for index in range(count)]
-
-
-def _labels(detections, class_names):
-    """"class score%" of each detection (class index when there are no names)."""
-    return [f"{class_names[label] if class_names else label} {score:.0%}"
-            for label, score in zip(detections.pred_classes.tolist(), detections.scores.tolist())]
-
-
-def _label_position(box, label, panel_width):
-    """(x, y) of a label's top-left corner: the box's top-left corner, moved left when the
-    label would leave the panel (its width estimated from LABEL_FONT_SIZE)."""
-    x0, y0 = box[:2]
-    width = 0.85 * LABEL_FONT_SIZE * len(label)  # points at 100 dpi -> pixels, average glyph
-    return max(0.0, min(float(x0), panel_width - width)), float(y0)
-
-
-def _draw_boxes(panel, boxes, labels, colours):
-    """The panel with ``boxes`` [n, 4] (xyxy panel pixels) in ``colours``, each with its
-    label (None: no labels), drawn by detectron2's Visualizer."""
-    visualizer = Visualizer(panel)
-    for index, (box, colour) in enumerate(zip(boxes, colours)):
-        visualizer.draw_box(box, alpha=1.0, edge_color=colour)
-        if labels is not None:
-            visualizer.draw_text(labels[index], _label_position(box, labels[index], panel.shape[1]),
-                                 font_size=LABEL_FONT_SIZE, color=colour, horizontal_alignment="left")
-    return visualizer.get_output().get_image()
-
-
-def _mark_points(panel, points):
-    """The panel with a white-on-black cross at each (x, y) (panel pixels)."""
-    panel = panel.copy()
-    for x, y in points:
-        centre = (int(round(x)), int(round(y)))
-        cv2.drawMarker(panel, centre, (0, 0, 0), cv2.MARKER_CROSS, 22, 5, cv2.LINE_AA)
-        cv2.drawMarker(panel, centre, (255, 255, 255), cv2.MARKER_CROSS, 18, 2, cv2.LINE_AA)
-    return panel
-
-
-@functools.lru_cache(maxsize=1)
-def _caption_font():
-    """matplotlib's DejaVu Sans at CAPTION_FONT_SIZE (it draws any Unicode class name)."""
-    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), CAPTION_FONT_SIZE)
-
-
-def _captioned(panel, text):
-    """The panel below a white strip of CAPTION_HEIGHT with ``text`` in black."""
-    strip = Image.new("RGB", (panel.shape[1], CAPTION_HEIGHT), "white")
-    ImageDraw.Draw(strip).text((4, CAPTION_HEIGHT // 2), text, fill="black", font=_caption_font(), anchor="lm")
-    return np.concatenate([np.asarray(strip), panel])
-
-
-def _grid(rows):
-    """HWC uint8: ``rows`` (lists of equally sized panels) one under the other, left-aligned,
-    GAP white pixels around every panel."""
-    height, width = rows[0][0].shape[:2]
-    columns = max(len(row) for row in rows)
-    grid = np.full((GAP + len(rows) * (height + GAP), GAP + columns * (width + GAP), 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, panel in enumerate(row):
-            top, left = GAP + r * (height + GAP), GAP + c * (width + GAP)
-            grid[top:top + height, left:left + width] = panel
-    return grid
-
-
-def _wrapped(panels, columns):
-    """``panels`` cut into rows of at most ``columns``."""
-    return [panels[start:start + columns] for start in range(0, len(panels), columns)]
-
-
-class _Figure:
+class _Figure(PanelImage):
     """The panels of one image: the scaled image, the detections' boxes, labels and colours
     in panel pixels, the attention maps upsampled to the panel size."""
 
     def __init__(self, image_rgb, detections, class_names, attention, panel_side):
-        height, width = image_rgb.shape[:2]
-        self.size = _panel_size(height, width, panel_side)
-        self.scale = (self.size[1] / width, self.size[0] / height)
-        self.image = _resized(image_rgb, self.size)
-        self.boxes = detections.pred_boxes.tensor.numpy() * np.array(self.scale * 2)
-        self.labels = _labels(detections, class_names)
-        self.colours = _detection_colours(len(detections))
+        super().__init__(image_rgb, detections, class_names, panel_side)
         self.attention = attention
 
     def heat_maps(self, maps, per_head):
@@ -206,33 +112,30 @@ class _Figure:
         """Detection ``index``'s box on its heat map (the caption names it), or labelled
         on the image when no heat map is given."""
         if heat is None:
-            return _draw_boxes(self.image, self.boxes[index:index + 1], self.labels[index:index + 1],
-                               self.colours[index:index + 1])
-        return _draw_boxes(_heat_overlay(self.image, heat), self.boxes[index:index + 1], None,
-                           self.colours[index:index + 1])
+            return self.detection_box(self.image, index, labelled=True)
+        return self.detection_box(_heat_overlay(self.image, heat), index)
 
     def point_panel(self, point, heat=None):
         """The point (x, y) of the original image marked, on its heat map when given."""
         image = self.image if heat is None else _heat_overlay(self.image, heat)
-        return _mark_points(image, [(point[0] * self.scale[0], point[1] * self.scale[1])])
+        return mark_points(image, self.to_panel([point]))
 
 
 def _decoder_rows(figure, queries, per_head):
     """Grid rows of the decoder's cross-attention of each detection's query (one row with
     the image alone when nothing was detected)."""
-    overview = _captioned(_draw_boxes(figure.image, figure.boxes, figure.labels, figure.colours),
-                          f"{len(queries)} detections")
+    overview = captioned(figure.overview(), f"{len(queries)} detections")
     if not len(queries):
         return [[overview]]
     heat = figure.heat_maps(figure.attention.decoder[:, queries], per_head)
     if per_head:
-        return [[_captioned(figure.detection_panel(i), f"query {int(query)}: {figure.labels[i]}")]
-                + [_captioned(figure.detection_panel(i, head_map), f"query {int(query)}, head {head}")
+        return [[captioned(figure.detection_panel(i), f"query {int(query)}: {figure.labels[i]}")]
+                + [captioned(figure.detection_panel(i, head_map), f"query {int(query)}, head {head}")
                    for head, head_map in enumerate(heat[i])]
                 for i, query in enumerate(queries)]
-    panels = [_captioned(figure.detection_panel(i, heat[i, 0]), f"query {int(query)}: {figure.labels[i]}")
+    panels = [captioned(figure.detection_panel(i, heat[i, 0]), f"query {int(query)}: {figure.labels[i]}")
               for i, query in enumerate(queries)]
-    return _wrapped([overview] + panels, MAX_COLUMNS)
+    return wrapped([overview] + panels, MAX_COLUMNS)
 
 
 def _encoder_rows(figure, points, per_head):
@@ -241,15 +144,15 @@ def _encoder_rows(figure, points, per_head):
     heat = figure.heat_maps(maps, per_head)
     names = [f"({x:.0f}, {y:.0f})" for x, y in points]
     if per_head:
-        return [[_captioned(figure.point_panel(point), f"encoder from {name}")]
-                + [_captioned(figure.point_panel(point, head_map), f"{name}, head {head}")
+        return [[captioned(figure.point_panel(point), f"encoder from {name}")]
+                + [captioned(figure.point_panel(point, head_map), f"{name}, head {head}")
                    for head, head_map in enumerate(heat[i])]
                 for i, (point, name) in enumerate(zip(points, names))]
-    overview = _mark_points(figure.image, [(x * figure.scale[0], y * figure.scale[1]) for x, y in points])
-    panels = [_captioned(overview, f"{len(points)} points")]
-    panels += [_captioned(figure.point_panel(point, heat[i, 0]), f"encoder attention from {name}")
+    overview = mark_points(figure.image, figure.to_panel(points))
+    panels = [captioned(overview, f"{len(points)} points")]
+    panels += [captioned(figure.point_panel(point, heat[i, 0]), f"encoder attention from {name}")
                for i, (point, name) in enumerate(zip(points, names))]
-    return _wrapped(panels, MAX_COLUMNS)
+    return wrapped(panels, MAX_COLUMNS)
 
 
 def attention_grid(image_rgb, instances, queries, attention, points, class_names=None, per_head=False,
@@ -264,4 +167,4 @@ def attention_grid(image_rgb, instances, queries, attention, points, class_names
     a panel's longer side."""
     detections = instances[queries]
     figure = _Figure(image_rgb, detections, class_names, attention, panel_side)
-    return _grid(_decoder_rows(figure, queries, per_head) + _encoder_rows(figure, points, per_head))
+    return grid_of_rows(_decoder_rows(figure, queries, per_head) + _encoder_rows(figure, points, per_head))
