@@ -17,6 +17,7 @@ unpadded cells span the image: ``ImageSampling`` divides by the valid ratios and
 the image's pixels.
 """
 import inspect
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -152,8 +153,10 @@ class ImageSampling:
         return len(self.spatial_shapes)
 
     def strides(self):
-        """Per level, network-input pixels per cell (the input's height / the level's rows), rounded."""
-        return [round(self.input_size[0] / int(rows)) for rows in self.valid_cells[:, 0]]
+        """Per level, network-input pixels per cell: the input's longer side / the level's
+        cells along it, rounded to a power of two (the levels' maps are ceil-divided)."""
+        side = 0 if self.input_size[0] >= self.input_size[1] else 1
+        return [2 ** round(math.log2(self.input_size[side] / int(cells))) for cells in self.valid_cells[:, side]]
 
     def encoder_position_at(self, x, y, level=0):
         """Index (into the encoder's positions) of the cell of ``level`` holding the point
