@@ -1,22 +1,23 @@
 """Every detectron2-version workaround of detr_d2, and nothing else.
 
 ``apply()`` runs once, from ``import detr_d2``, before detectron2's sub-packages are
-imported. Each workaround is a no-op where the installed detectron2 (or its
-dependencies) already has the fix, so the plugin runs unchanged on detectron2 v0.6 from
-PyPI's ``pb1-detectron2`` sdist and on detectron2's git main branch.
+imported; it imports neither torch nor detectron2 (``import detr_d2.data.shapes`` stays
+light). Each workaround is a no-op where the installed detectron2 (or its dependencies)
+already has the fix, so the plugin runs unchanged on detectron2 v0.6 from PyPI's
+``pb1-detectron2`` sdist and on detectron2's git main branch.
 """
-import importlib.util
+import importlib.abc
+import importlib.machinery
 import logging
 import sys
 import types
+import warnings
 
 import numpy as np
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 STUB_MARKER = "__detr_d2_stand_in__"
+EXTENSION = "detectron2._C"
 
 
 def _stand_in_getattr(name):
@@ -26,26 +27,39 @@ def _stand_in_getattr(name):
     )
 
 
+class _ExtensionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """The finder of last resort for ``detectron2._C``: asked only when no other finder
+    (i.e. no compiled extension) has it, it loads the stand-in module."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != EXTENSION:
+            return None
+        return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec):
+        stand_in = types.ModuleType(EXTENSION)
+        stand_in.__getattr__ = _stand_in_getattr
+        stand_in.get_compiler_version = lambda: "not built (detr_d2 stand-in for detectron2._C)"
+        stand_in.get_cuda_version = lambda: "not built (detr_d2 stand-in for detectron2._C)"
+        stand_in.has_cuda = lambda: False
+        setattr(stand_in, STUB_MARKER, True)
+        return stand_in
+
+    def exec_module(self, module):
+        pass
+
+
 def _install_extension_stand_in():
-    """Register an empty ``detectron2._C`` when the compiled extension is missing.
+    """Let an empty ``detectron2._C`` be imported when the compiled extension is missing.
 
     Works around: v0.6 imports ``detectron2._C`` at module top in ops DETR never uses
     (deform_conv, rotated boxes, fast COCO eval), so ``import detectron2.modeling`` fails
     without it. Unknown names raise AttributeError, which is what ``inspect`` and torch
-    expect from a probe; ``collect_env`` gets the two version functions it calls.
+    expect from a probe; ``collect_env`` gets the two version functions it calls. The
+    stand-in is found last, when detectron2 is imported, so detectron2 is not imported here.
     """
-    if "detectron2._C" in sys.modules or importlib.util.find_spec("detectron2._C") is not None:
-        return
-    stand_in = types.ModuleType("detectron2._C")
-    stand_in.__getattr__ = _stand_in_getattr
-    stand_in.get_compiler_version = lambda: "not built (detr_d2 stand-in for detectron2._C)"
-    stand_in.get_cuda_version = lambda: "not built (detr_d2 stand-in for detectron2._C)"
-    stand_in.has_cuda = lambda: False
-    setattr(stand_in, STUB_MARKER, True)
-    sys.modules["detectron2._C"] = stand_in
-    import detectron2
-
-    detectron2._C = stand_in
+    if not any(isinstance(finder, _ExtensionStandIn) for finder in sys.meta_path):
+        sys.meta_path.append(_ExtensionStandIn())
 
 
 def has_compiled_ops():
@@ -93,6 +107,8 @@ def _alias_numpy_scalar_types():
 def _cpu_capable_worker(local_rank, main_func, world_size, num_per_machine, machine_rank,
                         dist_url, args, timeout):
     """One process of a ``launch``: gloo when CUDA is absent, NCCL otherwise."""
+    import torch
+    import torch.distributed as dist
     from detectron2.utils import comm
 
     use_cuda = torch.cuda.is_available()
@@ -124,6 +140,7 @@ def launch(main_func, num_gpus_per_machine, num_machines=1, machine_rank=0, dist
     Works around: v0.6's ``_distributed_worker`` asserts CUDA and hard-codes NCCL, so
     ``--num-gpus 2 MODEL.DEVICE cpu`` cannot start; detectron2 main falls back to GLOO.
     """
+    import torch.multiprocessing as mp
     from detectron2.engine import launch as d2_launch
     from detectron2.engine.launch import DEFAULT_TIMEOUT, _find_free_port
 
@@ -148,13 +165,30 @@ def ddp_device_ids(device):
     Works around: v0.6's ``create_ddp_model`` always passes ``[local_rank]``, which torch
     rejects for a module on the CPU.
     """
+    import torch
     from detectron2.utils import comm
 
     return [comm.get_local_rank()] if torch.device(device).type == "cuda" else None
 
 
+# Deprecation warnings that detectron2's dependencies trigger in torch at import time, which
+# their users cannot act on: (message regex, category).
+DEPENDENCY_DEPRECATIONS = [
+    (r"`torch\.jit\.script` is deprecated", FutureWarning),  # fvcore.nn.focal_loss, at import
+]
+
+
+def _silence_dependency_deprecations():
+    """Works around: fvcore (imported by detectron2.layers) decorates with ``torch.jit.script``,
+    which torch deprecates (a FutureWarning at every import with torch 2.14), so each tool's start
+    (even ``--help``) printed it. Only these messages are ignored; the rest still shows."""
+    for message, category in DEPENDENCY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def apply():
     """Apply every workaround above that the installed versions need (idempotent)."""
+    _silence_dependency_deprecations()
     _alias_pillow_linear()
     _alias_numpy_scalar_types()
     _install_extension_stand_in()
