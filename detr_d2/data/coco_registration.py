@@ -50,18 +50,15 @@ def register_coco_dataset(name, json_file, image_root):
     register_coco_instances(name, {}, json_file, image_root)
 
 
-def register_datasets_from_config(cfg):
-    """Register every DATASETS.REGISTER_COCO and DATASETS.REGISTER_COCO_PANOPTIC entry
-    (``coco_panoptic``); makes the entry paths absolute in ``cfg`` (call before
-    ``cfg.freeze()``). Returns the resolved entries of both keys."""
-    from detr_d2.data.coco_panoptic import register_panoptic_datasets_from_config  # it imports DatasetError
-
+def register_coco_datasets_from_config(cfg):
+    """Register every DATASETS.REGISTER_COCO entry; makes the entry paths absolute in ``cfg``
+    (call before ``cfg.freeze()``). Returns the resolved entries."""
     registrations = resolved_registrations(cfg.DATASETS.REGISTER_COCO)
     for name, json_file, image_root in registrations:
         register_coco_dataset(name, json_file, image_root)
     if not cfg.is_frozen():
         cfg.DATASETS.REGISTER_COCO = registrations
-    return registrations + register_panoptic_datasets_from_config(cfg)
+    return registrations
 
 
 def read_coco_categories(json_file):
