@@ -4,8 +4,10 @@ Modules: ``defaults`` (``build_config``, the one way a run or tool builds its co
 ``config_merge`` (file and overrides, key checks), ``config_checks`` (values, device,
 files), ``datasets`` (dataset names, loading and image-file checks), ``trainer``,
 ``optimizer``, ``checkpointer``, ``finite_checks`` (NaN/inf stops training),
-``one_line_errors`` (errors reported without a traceback), ``writers``, ``build``.
+``one_line_errors`` (errors reported without a traceback), ``writers``, ``build``
+(``build_model``: detectron2's, which builds detr_d2's models accelerated).
 """
+from detr_d2.engine.build import build_model
 from detr_d2.engine.checkpointer import AtomicDetectionCheckpointer
 from detr_d2.engine.config_merge import merge_config
 from detr_d2.engine.defaults import build_config, share_cpu_cores
@@ -20,6 +22,7 @@ __all__ = [
     "Trainer",
     "build_config",
     "build_detr_optimizer",
+    "build_model",
     "check_training_setup",
     "detr_param_groups",
     "merge_config",

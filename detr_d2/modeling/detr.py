@@ -150,7 +150,7 @@ class Detr(nn.Module):
         detr = cfg.MODEL.DETR
         if cls is Detr and detr.NUM_QUERY_GROUPS != 1:
             raise ValueError(f"MODEL.DETR.NUM_QUERY_GROUPS {detr.NUM_QUERY_GROUPS} needs MODEL.META_ARCHITECTURE "
-                             "'GroupDetr' (detr_d2.engine.build_model picks it for 'Detr')")
+                             "'GroupDetr' (detectron2's build_model picks it for 'Detr' after import detr_d2)")
         num_classes = configured_num_classes(cfg)
         backbone = build_masked_backbone(cfg)
         return {
