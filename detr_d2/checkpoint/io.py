@@ -13,8 +13,10 @@ recognised and reported as such, with the file name.
 import argparse
 import os
 import pickle
+import pickletools
 import re
 import uuid
+import warnings
 
 import torch
 
@@ -24,8 +26,8 @@ __all__ = ["CheckpointError", "TRUST_PICKLE_HINT", "atomic_torch_save", "atomic_
            "load_checkpoint_file", "load_pickle_file", "remove_stale_temporary_files"]
 
 SAFE_EXTRA_GLOBALS = [argparse.Namespace]
-TRUST_PICKLE_HINT = ("If you trust the file's origin, allow full unpickling explicitly with "
-                     "--trust-pickle (this runs whatever code the file holds).")
+TRUST_PICKLE_HINT = ("If you trust its source, --trust-pickle (of tools/train_net.py, demo.py, visualize_attention.py "
+                     "and convert_detr_checkpoint.py) loads it with full unpickling, running whatever code it holds.")
 # (module, name) of the globals a NumPy-array pickle needs, NumPy 1.x and 2.x spellings;
 # protocol-2 pickles written by Python 3 store bytes as _codecs.encode(text, "latin1").
 SAFE_PICKLE_GLOBALS = frozenset(
@@ -81,13 +83,46 @@ def _check_is_file(path, text_pickles=False):
                               "checkpoint (.pth) or a detectron2 model-zoo .pkl file.")
 
 
+_NOT_LOADED = ("that could run code from the file, so it was not loaded (only tensors, NumPy arrays and plain "
+               "data are read)")
+
+
 def _refused(path, global_name):
+    """The file holds an object of (or a call of) ``global_name``."""
     reference = ("It looks like a checkpoint of the reference DETR's training script: convert it "
                  "with tools/convert_detr_checkpoint.py. " if global_name == "argparse.Namespace" else "")
-    return CheckpointError(
-        f"checkpoint {path} holds a Python object of type {global_name}, which could run code when "
-        f"loaded; it was not loaded (only tensors, NumPy arrays and plain data are read). "
-        f"{reference}{TRUST_PICKLE_HINT}")
+    return CheckpointError(f"checkpoint {path} holds a Python object of type {global_name}, which only full "
+                           f"unpickling can rebuild: {_NOT_LOADED}. {reference}{TRUST_PICKLE_HINT}")
+
+
+def _refused_unreadable(path, instruction):
+    """The file's pickle uses an ``instruction`` torch's weights-only reader does not run."""
+    return CheckpointError(f"checkpoint {path} holds pickled data that only full unpickling can read "
+                           f"({instruction}): {_NOT_LOADED}. {TRUST_PICKLE_HINT}")
+
+
+# What torch's weights-only reader says when it meets something it does not build.
+_NAMED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+) whose module")
+_OBJECT_STEP = re.compile(r"Can only (?:build|create new object)[^,]*, but got (.+)$|"
+                          r"Trying to call reduce for unrecognized function (.+)$", re.MULTILINE)
+_OPERAND = re.compile(r"Unsupported operand (\d+)")
+
+
+def _weights_only_refusal(path, error):
+    """The CheckpointError for torch's weights-only reader refusing a file's content (objects,
+    functions, or pickle opcodes it does not take); None when ``error`` tells of damage."""
+    message = str(error)
+    named = _NAMED_GLOBAL.search(message)
+    if named:
+        return _refused(path, named.group(1) or named.group(2))
+    step = _OBJECT_STEP.search(message)
+    if step:
+        return _refused(path, (step.group(1) or step.group(2)).strip())
+    operand = _OPERAND.search(message)
+    opcode = pickletools.code2op.get(chr(int(operand.group(1)))) if operand else None
+    if opcode is not None:  # a real pickle instruction, which torch's reader does not run
+        return _refused_unreadable(path, f"the protocol-{opcode.proto} pickle instruction {opcode.name}")
+    return None
 
 
 def _corrupt(path, error):
@@ -112,13 +147,12 @@ def load_checkpoint_file(path, trust_pickle=False, allowed_globals=tuple(SAFE_EX
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(list(allowed_globals)):
+        # torch's warning about a pickle protocol above 2 would repeat what the refusal says.
+        with torch.serialization.safe_globals(list(allowed_globals)), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsafe:
-            raise _refused(path, unsafe.group(1)) from None
-        raise _corrupt(path, error) from None
+        raise (_weights_only_refusal(path, error) or _corrupt(path, error)) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError, IndexError) as error:
         raise _corrupt(path, error) from None
 
