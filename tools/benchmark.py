@@ -2,7 +2,7 @@
 """Time DETR's training iterations, inference or data loading on this machine.
 
     python tools/benchmark.py --config-file CFG --task {train,eval,data} [--input-size HxW] \\
-        [--iters N] [--warmup N] [--compare-plain] [--precision {both,float32,amp}] [KEY VALUE ...]
+        [--iters N] [--warmup N] [--compare-plain] [--precision {both,float32,amp}] [[--opts] KEY VALUE ...]
 
 Like detectron2's tools/benchmark.py. The model is built from the config with random
 weights (MODEL.WEIGHTS is not loaded: timings do not depend on the values), on
@@ -34,7 +34,6 @@ bfloat16 on the CPU; training steps as SOLVER.AMP.ENABLED runs them, inference a
 TEST.AMP.ENABLED does), alternating too, and prints the ratio AMP / float32 (for eval
 also their largest output difference); "float32" or "amp" times one of them.
 """
-import argparse
 import itertools
 import resource
 import statistics
@@ -53,6 +52,7 @@ from detr_d2.engine.build import build_model
 from detr_d2.engine.amp_trainer import DetrAMPTrainer
 from detr_d2.engine.optimizer import set_fused_step
 from detr_d2.engine.precision import autocast, autocast_dtype, warn_if_emulated
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_arguments
 from detr_d2.utils.tool_setup import input_size, positive_int, run_tool, setup_tool_logging
 
 BOXES_PER_IMAGE = 5
@@ -61,9 +61,8 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = ToolArgumentParser(__doc__)
+    add_config_arguments(parser, help="config of the model", example="MODEL.DEVICE cpu SOLVER.IMS_PER_BATCH 2")
     parser.add_argument("--task", required=True, choices=("train", "eval", "data"))
     parser.add_argument("--input-size", type=input_size, metavar="HxW",
                         help="synthesise H x W images (train, eval) instead of reading the datasets")
@@ -74,7 +73,6 @@ def build_parser():
     parser.add_argument("--precision", choices=("both", "float32", "amp"), default="both",
                         help="float32, mixed precision (SOLVER.AMP.PRECISION's autocast), or both "
                              "alternating (default)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     return parser
 
 

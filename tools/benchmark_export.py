@@ -3,7 +3,7 @@
 against the eager model as the tools run it (fast paths as configured).
 
     python tools/benchmark_export.py --config-file CFG [--input-size 800x1066] [--rounds 7] \\
-        [--threads 2] [--batch-size 2] [--output DIR] [KEY VALUE ...]
+        [--threads 2] [--batch-size 2] [--output DIR] [[--opts] KEY VALUE ...]
 
 The model is built on the CPU with random weights (seeded; timings and the exported
 graph do not depend on the values), exported as tools/export_model.py does (into DIR, or
@@ -15,7 +15,6 @@ printed: medians, extremes, the ratio per round, and the load average before and
 
 Exit status: 0; 1 if the verification failed; 2 on a setup problem, in one line.
 """
-import argparse
 import logging
 import os
 import sys
@@ -29,6 +28,7 @@ from detr_d2.engine.build import build_model
 from detr_d2.export import ExportRequest, check_exportable, export_model
 from detr_d2.export.speed import time_in_turns
 from detr_d2.export.verification import verification_images
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_arguments
 from detr_d2.utils.tool_setup import input_size, metadata_with_class_names, positive_int, run_tool, setup_tool_logging
 from detr_d2_deploy.predictor import onnx_session
 from detr_d2_deploy.spec import MODEL_FILES, ExportSpec
@@ -40,9 +40,8 @@ logger = logging.getLogger("detectron2")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = ToolArgumentParser(__doc__)
+    add_config_arguments(parser, help="config of the model", example="MODEL.DETR.NUM_OBJECT_QUERIES 300")
     parser.add_argument("--input-size", type=input_size, default=(800, 1066), metavar="HxW",
                         help="network-input size of the timed image (default: 800x1066)")
     parser.add_argument("--rounds", type=positive_int, default=7, help="timed calls of each side (default: 7)")
@@ -50,7 +49,6 @@ def build_parser():
                         help="threads of each side (default: the number of cores)")
     parser.add_argument("--batch-size", type=positive_int, default=2, help="images in the verified mixed batch")
     parser.add_argument("--output", metavar="DIR", help="keep the export here (default: a temporary folder)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
     return parser
 
 

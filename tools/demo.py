@@ -2,7 +2,7 @@
 """Run a trained DETR on images or videos and draw its detections.
 
     python tools/demo.py --config-file CFG --input PATH [PATH ...] --output DIR \\
-        [--confidence-threshold 0.5] [--batch-size 4] [--draw-scale 1] [--opts KEY VALUE ...]
+        [--confidence-threshold 0.5] [--batch-size 4] [--draw-scale 1] [[--opts] KEY VALUE ...]
 
 PATH: image files, folders (the images directly inside), glob patterns (quote them), or
 videos (.mp4, .avi). Into DIR go, for each image, ``<name>.png`` with the detections
@@ -31,7 +31,6 @@ NumPy arrays only) unless ``--trust-pickle`` is given.
 Exit status: 0; 1 if some input could not be read (each is reported, the others are
 processed); 2 on a setup problem (config, weights, datasets), reported in one line.
 """
-import argparse
 import logging
 import os
 import sys
@@ -63,10 +62,16 @@ from detr_d2.utils.panoptic_outputs import (
     write_segment_id_png,
 )
 from detr_d2.utils.predictor import BatchPredictor, confident
+from detr_d2.utils.tool_arguments import (
+    ToolArgumentParser,
+    add_confidence_threshold,
+    add_config_arguments,
+    add_image_inputs,
+    add_trust_pickle,
+)
 from detr_d2.utils.tool_setup import (
     EXIT_INPUT_FAILED,
     check_class_count,
-    fraction,
     make_output_folder,
     metadata_with_class_names,
     positive_float,
@@ -83,24 +88,17 @@ logger = logging.getLogger("detectron2")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="config of the model")
-    parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                        help="image files, folders, glob patterns or videos (.mp4, .avi)")
+    parser = ToolArgumentParser(__doc__)
+    add_config_arguments(parser)
+    add_image_inputs(parser, help="image files, folders, glob patterns or videos (.mp4, .avi)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the results")
-    parser.add_argument("--confidence-threshold", type=fraction, default=0.5,
-                        help="keep detections scoring at least this (default: %(default)s)")
+    add_confidence_threshold(parser)
     parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="images per forward pass (default: %(default)s)")
     parser.add_argument("--draw-scale", type=positive_float, default=1.0, metavar="F",
                         help="draw images F times their size, e.g. 4 for 128-px images, whose labels "
                              "would otherwise cover the objects (default: 1; videos keep their size)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="read MODEL.WEIGHTS with full unpickling, which runs code from the file: "
-                             "only for files whose origin you trust")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                        help="config overrides, e.g. --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu")
+    add_trust_pickle(parser)
     return parser
 
 

@@ -2,7 +2,7 @@
 """Export a trained DETR to ONNX or TorchScript, optionally verified against PyTorch.
 
     python tools/export_model.py --config-file CFG --format {onnx,torchscript} --output DIR \\
-        [--sample-image IMG] [--verify] [--batch-size N] MODEL.WEIGHTS W [KEY VALUE ...]
+        [--sample-image IMG] [--verify] [--batch-size N] [--opts] MODEL.WEIGHTS W [KEY VALUE ...]
 
 Writes DIR/model.onnx (or DIR/model.ts) and DIR/export.json (inputs and outputs with
 names and shapes, pixel mean/std and channel order, the test-time resize rule, class
@@ -23,7 +23,6 @@ Run the ONNX export without torch: tools/predict_onnx.py.
 Exit status: 0; 1 if the verification failed (the files are kept, export.json says so);
 2 on a setup problem (config, weights, unsupported model, arguments), in one line.
 """
-import argparse
 import logging
 import os
 import sys
@@ -35,6 +34,7 @@ from detr_d2.errors import SetupError
 from detr_d2.export import ExportRequest, check_exportable, export_model
 from detr_d2.utils.inputs import UnreadableInput, read_input_image
 from detr_d2.utils.predictor import build_inference_model
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_arguments
 from detr_d2.utils.tool_setup import (
     check_class_count,
     make_output_folder,
@@ -51,9 +51,8 @@ logger = logging.getLogger("detectron2")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="config of the model")
+    parser = ToolArgumentParser(__doc__)
+    add_config_arguments(parser, example="MODEL.WEIGHTS output/model_final.pth")
     parser.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the model and export.json")
     parser.add_argument("--sample-image", metavar="IMG",
@@ -62,8 +61,6 @@ def build_parser():
                         help="compare the exported model with eager PyTorch; fail above the tolerance")
     parser.add_argument("--batch-size", type=positive_int, default=2,
                         help="images of different sizes in the traced and verified batch (default: %(default)s)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides, MODEL.WEIGHTS first, e.g. MODEL.WEIGHTS output/model_final.pth")
     return parser
 
 

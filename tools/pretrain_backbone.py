@@ -16,7 +16,6 @@ Example (the shapes demo)::
         --dataset-dir datasets/shapes_pretrain --max-minutes 10 \
         --output output/shapes_backbone/backbone.pth
 """
-import argparse
 import dataclasses
 import logging
 import os
@@ -26,15 +25,14 @@ import detr_d2  # noqa: F401  (first: applies the compat fixes, registers the ba
 from detectron2.utils.logger import setup_logger
 
 from detr_d2.pretraining import PretrainingOptions, paths_of_split, pretrain_backbone
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_overrides
 
 logger = logging.getLogger("detr_d2.pretrain_backbone")
 
 
 def build_parser():
     """The command-line interface."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring for the method.")
+    parser = ToolArgumentParser(__doc__, epilog="See the module docstring for the method.")
     parser.add_argument("--config-file", default="configs/shapes/Base-Shapes.yaml",
                         help="DETR config whose backbone is pretrained")
     parser.add_argument("--dataset-dir", help="folder with annotations/<split>.json and "
@@ -61,8 +59,7 @@ def build_parser():
     parser.add_argument("--log-period", type=int, default=20)
     parser.add_argument("--num-threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides, KEY VALUE pairs (e.g. MODEL.TINY_CNN.WIDTH 48)")
+    add_config_overrides(parser, example="MODEL.TINY_CNN.WIDTH 48")
     return parser
 
 

@@ -2,7 +2,7 @@
 """The embedded demo (``make demo``): fine-tune the bundled shapes DETR on a new 2-class set.
 
     python tools/run_demo.py [--output output/demo] [--config-file CFG] [--data-dir DIR]
-                             [--splits train:2000,val:200] [--images N] [--masks] [KEY VALUE ...]
+                             [--splits train:2000,val:200] [--images N] [--masks] [[--opts] KEY VALUE ...]
 
 Steps, each a run of the project's own command-line tools (so the demo shows what a user
 would type):
@@ -29,13 +29,13 @@ of steps 2-4. ``configs/shapes/detr_tiny_masks_custom.yaml`` loads the fine-tune
 head alone on the shapes' instance masks, evaluating COCO bbox and segm; the masks are drawn
 into ``<output>/masks_predictions``.
 """
-import argparse
 import glob
 import json
 import os
 import sys
 
 from detr_d2.utils.demo_steps import run_step
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = "configs/shapes/detr_tiny_finetune_custom.yaml"
@@ -46,8 +46,7 @@ DRAW_SCALE = "4"  # the 128-px images drawn at 512 px: labels no longer cover th
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolArgumentParser(__doc__)
     parser.add_argument("--output", default="output/demo", metavar="DIR",
                         help="folder for the run, pictures and curves (default: output/demo)")
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE",
@@ -60,8 +59,7 @@ def build_parser():
                         help="validation images to draw predictions on (default: 8)")
     parser.add_argument("--masks", action="store_true",
                         help=f"after the fine-tuning: train the mask head on its frozen detector ({MASKS_CONFIG})")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
-                        help="config overrides for the fine-tuning run")
+    add_config_overrides(parser, example="SOLVER.MAX_ITER 500 (of the fine-tuning run)")
     return parser
 
 

@@ -3,7 +3,7 @@
 
     python tools/sweep_panoptic_threshold.py --config-file RUN/config.yaml --dataset NAME \\
         [--register PANOPTIC_JSON PNG_DIR IMAGE_DIR] [--thresholds 0.5,0.6,0.7,0.8,0.85,0.9] \\
-        [--output DIR] [--opts MODEL.WEIGHTS RUN/model_final.pth KEY VALUE ...]
+        [--output DIR] [[--opts] MODEL.WEIGHTS RUN/model_final.pth KEY VALUE ...]
 
 One inference pass over the dataset; each threshold's segmentation is scored by detectron2's
 COCOPanopticEvaluator. Use held-out data (not the test set) to choose the threshold, then
@@ -30,6 +30,7 @@ from detr_d2.engine.datasets import check_dataset_names
 from detr_d2.errors import SetupError
 from detr_d2.evaluation.panoptic_thresholds import pq_at_thresholds
 from detr_d2.utils.outputs import write_json
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_arguments
 from detr_d2.utils.tool_setup import run_tool, setup_tool_logging
 
 logger = logging.getLogger("detectron2")
@@ -49,17 +50,14 @@ def thresholds(text):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="the run's config (PANOPTIC_ON)")
+    parser = ToolArgumentParser(__doc__)
+    add_config_arguments(parser, help="the run's config (PANOPTIC_ON)", example="MODEL.WEIGHTS model_final.pth")
     parser.add_argument("--dataset", required=True, metavar="NAME", help="the panoptic dataset to score")
     parser.add_argument("--register", nargs=3, metavar=("PANOPTIC_JSON", "PNG_DIR", "IMAGE_DIR"),
                         help="register --dataset from these files first")
     parser.add_argument("--thresholds", type=thresholds, default=thresholds(DEFAULT_THRESHOLDS),
                         help=f"comma-separated (default: {DEFAULT_THRESHOLDS})")
     parser.add_argument("--output", metavar="DIR", help="default: OUTPUT_DIR/panoptic_thresholds")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                        help="config overrides, e.g. MODEL.WEIGHTS model_final.pth")
     return parser
 
 

@@ -4,7 +4,7 @@
 Run from the repository root with detr_d2 installed (``make install``):
 
     python tools/train_net.py --config-file configs/detr_r50.yaml [--num-gpus N] [--resume] \
-        [KEY VALUE ...]
+        [[--opts] KEY VALUE ...]
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS model.pth
     multi-machine: add --num-machines M --machine-rank R --dist-url tcp://HOST:PORT
 
@@ -35,15 +35,16 @@ from detr_d2.engine import AtomicDetectionCheckpointer, Trainer, build_config, c
 from detr_d2.engine.config_checks import check_amp, check_device, check_output_dir, check_weights_to_load
 from detr_d2.engine.one_line_errors import ONE_LINE_ERRORS, user_error_message
 from detr_d2.evaluation import check_evaluator_types
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_overrides, add_trust_pickle
 
 
 def build_parser():
-    """detectron2's ``default_argument_parser`` plus ``--trust-pickle``."""
-    parser = default_argument_parser()
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="read MODEL.WEIGHTS / the resumed checkpoint with full unpickling, which "
-                             "runs code from the file: only for files whose origin you trust (by "
-                             "default only tensors and NumPy arrays are read)")
+    """detectron2's ``default_argument_parser``, its overrides also after ``--opts``, plus
+    ``--trust-pickle``."""
+    parser = ToolArgumentParser(__doc__, parents=[default_argument_parser()], add_help=False)
+    add_config_overrides(parser, positional=False)
+    add_trust_pickle(parser, what="MODEL.WEIGHTS / the resumed checkpoint (by default only tensors and "
+                                  "NumPy arrays are read)")
     return parser
 
 

@@ -3,7 +3,7 @@
 
     python tools/visualize_attention.py --config-file CFG --input PATH [PATH ...] --output DIR \\
         [--confidence-threshold 0.5] [--points "x,y;x,y"] [--per-head] [--panel-size 384] \\
-        [--levels "0,1"] [--opts KEY VALUE ...]
+        [--levels "0,1"] [[--opts] KEY VALUE ...]
 
 PATH: image files, folders (the images directly inside) or glob patterns (quote them).
 Into DIR goes one grid per image, ``<name>.png``: the detections scoring at least the
@@ -25,7 +25,6 @@ in one panel (``--per-head``: one panel per head); ``--levels`` draws only those
 Exit status: 0; 1 if some input could not be read (each is reported, the others are
 processed); 2 on a setup problem (config, weights, --points, --levels), reported in one line.
 """
-import argparse
 import logging
 import sys
 
@@ -51,10 +50,16 @@ from detr_d2.utils.inputs import InputFailure, OutputPaths, UnreadableInput, exp
 from detr_d2.utils.outputs import write_png
 from detr_d2.utils.predictor import BatchPredictor
 from detr_d2.utils.sampling_drawing import check_levels, parse_levels, sampling_grid
+from detr_d2.utils.tool_arguments import (
+    ToolArgumentParser,
+    add_confidence_threshold,
+    add_config_arguments,
+    add_image_inputs,
+    add_trust_pickle,
+)
 from detr_d2.utils.tool_setup import (
     EXIT_INPUT_FAILED,
     check_class_count,
-    fraction,
     make_output_folder,
     metadata_with_class_names,
     positive_int,
@@ -66,14 +71,11 @@ logger = logging.getLogger("detectron2")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="config of the model")
-    parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                        help="image files, folders or glob patterns")
+    parser = ToolArgumentParser(__doc__)
+    add_config_arguments(parser)
+    add_image_inputs(parser)
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the drawings")
-    parser.add_argument("--confidence-threshold", type=fraction, default=0.5,
-                        help="draw detections scoring at least this (default: %(default)s)")
+    add_confidence_threshold(parser, help="draw detections scoring at least this")
     parser.add_argument("--points", metavar='"x,y;x,y"',
                         help="pixels to draw the encoder self-attention from (default: the box "
                              "centres of the 3 best detections)")
@@ -84,11 +86,7 @@ def build_parser():
     parser.add_argument("--levels", metavar='"0,1"',
                         help="DeformableDetr / Dino: draw the sampling points of these feature levels only "
                              "(default: all)")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="read MODEL.WEIGHTS with full unpickling, which runs code from the file: "
-                             "only for files whose origin you trust")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                        help="config overrides, e.g. --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu")
+    add_trust_pickle(parser)
     return parser
 
 

@@ -2,7 +2,7 @@
 """Draw the ground truth of the config's training sets, as annotated or as the model sees it.
 
     python tools/visualize_data.py --config-file CFG --source {annotation,dataloader} \\
-        --output-dir DIR [--num N] [--opts KEY VALUE ...]
+        --output-dir DIR [--num N] [[--opts] KEY VALUE ...]
 
 --source annotation: each image of DATASETS.TRAIN with its annotated boxes and class names.
 --source dataloader: what the training mapper (``DetrDatasetMapper(cfg, is_train=True)``)
@@ -15,7 +15,6 @@ One PNG per image, ``<dataset>_<image name>.png``, in DIR; --num N stops after N
 Exit status: 0; 1 if some image could not be read (reported, the others are drawn); 2 on
 a setup problem (config, datasets), reported in one line.
 """
-import argparse
 import itertools
 import logging
 import os
@@ -35,6 +34,7 @@ from detr_d2.engine.datasets import load_dataset_dicts
 from detr_d2.errors import SetupError
 from detr_d2.utils.inputs import OutputPaths, UnreadableInput, read_input_image
 from detr_d2.utils.outputs import write_png
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_arguments
 from detr_d2.utils.tool_setup import (
     EXIT_INPUT_FAILED,
     make_output_folder,
@@ -47,16 +47,13 @@ logger = logging.getLogger("detectron2")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser = ToolArgumentParser(__doc__)
+    add_config_arguments(parser, help="config whose DATASETS.TRAIN are drawn", example="SEED 3")
     parser.add_argument("--source", required=True, choices=["annotation", "dataloader"],
                         help="the annotations as stored, or the training mapper's output")
     parser.add_argument("--output-dir", required=True, metavar="DIR")
     parser.add_argument("--num", type=positive_int, default=None, metavar="N",
                         help="draw the first N images only (default: all)")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                        help="config overrides")
     return parser
 
 

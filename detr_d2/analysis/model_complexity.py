@@ -8,14 +8,23 @@ attention·v). Element-wise operators are not counted; ``analysis_report`` lists
 import warnings
 
 import torch
+from detectron2.data.transforms import ResizeShortestEdge
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-__all__ = ["FLOP_CONVENTION", "analysis_report", "flop_analysis", "parameter_counts"]
+__all__ = ["FLOP_CONVENTION", "analysis_report", "default_input_size", "flop_analysis", "parameter_counts"]
 
 FLOP_CONVENTION = "fvcore: one multiply-add counts as one flop"
 OTHER = "(outside submodules)"
+# The most common COCO image size (height, width), for a network-input size from a config.
+TYPICAL_IMAGE_SIZE = (480, 640)
+
+
+def default_input_size(cfg):
+    """(H, W) the network sees for a typical 640x480 (landscape 4:3) image under the config's
+    test-time resize (INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST): 800x1067 for DETR's configs."""
+    return ResizeShortestEdge.get_output_shape(*TYPICAL_IMAGE_SIZE, cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
 
 
 def attention_flop_jit(inputs, outputs):

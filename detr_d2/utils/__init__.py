@@ -1,6 +1,8 @@
 """Helpers shared by the command-line tools (tools/demo.py, visualize_data.py,
 plot_logs.py, analyze_model.py).
 
+* ``tool_arguments``: the parser (config overrides positional or after ``--opts``), the
+  arguments several tools share, argument types;
 * ``tool_setup``: config loading, class-name metadata, logging, one-line error exits;
 * ``inputs``: expanding files / folders / globs into images and videos, output names;
 * ``predictor``: a batch predictor (test-time resize, weights loading, score threshold);

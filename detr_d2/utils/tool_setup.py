@@ -1,14 +1,13 @@
-"""What every tool does first: logging, class names, argument types; and its exit statuses.
+"""What every tool does first: logging, class names; and its exit statuses (the argument
+types, ``fraction`` ... ``input_size``, are ``tool_arguments``'s, importable from here too).
 
 The tools build their config with ``detr_d2.engine.build_config(config_file, opts,
 all_datasets_registered=False)``. Exit statuses of the tools: 0 success, 1 some input
 could not be processed (the others were), 2 a setup problem (a ``SetupError``: config,
 weights, dataset, arguments) reported in one line without a traceback.
 """
-import argparse
 import logging
 import os
-import re
 import sys
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -16,6 +15,7 @@ from detectron2.utils.logger import setup_logger
 
 from detr_d2.checkpoint.class_names import metadata_beside_weights
 from detr_d2.errors import SetupError
+from detr_d2.utils.tool_arguments import fraction, input_size, positive_float, positive_int  # noqa: F401  (argument types)
 
 __all__ = ["EXIT_INPUT_FAILED", "EXIT_SETUP_ERROR", "check_class_count", "fraction", "input_size",
            "make_output_folder", "metadata_with_class_names", "positive_float", "positive_int", "run_tool",
@@ -93,35 +93,3 @@ def make_output_folder(path):
     except OSError as error:
         raise SetupError(f"Cannot create the output folder {path}: {error}") from error
     return path
-
-
-def fraction(text):
-    """argparse type: a number between 0 and 1."""
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a finite number above 0."""
-    value = float(text)
-    if not 0.0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
-
-
-def positive_int(text):
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def input_size(text):
-    """argparse type: "HxW" -> (H, W)."""
-    match = re.fullmatch(r"(\d+)[xX](\d+)", text.strip())
-    if not match or 0 in (int(match[1]), int(match[2])):
-        raise argparse.ArgumentTypeError(f"expected HxW with positive integers, e.g. 800x1066; got {text!r}")
-    return int(match[1]), int(match[2])
