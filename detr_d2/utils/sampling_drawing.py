@@ -94,12 +94,14 @@ def _blend_disc(canvas, centre, radius, colour, opacity):
 
 def _draw_samples(canvas, xy, weights, levels, panel_side):
     """Draw the points ``xy`` [n, 2] (panel pixels) of ``weights`` [n] and feature
-    ``levels`` [n] onto ``canvas`` (HWC float32), lightest first."""
+    ``levels`` [n] onto ``canvas`` (HWC float32), lightest first (of equal weights, the
+    coarser level first: finer levels' points lie closer to the reference)."""
     if not len(weights):
         return
     heaviest = float(weights.max())
     largest = MAX_RADIUS * panel_side
-    for index in torch.argsort(weights).tolist():
+    order = sorted(range(len(weights)), key=lambda i: (float(weights[i]), -int(levels[i])))
+    for index in order:
         share = float(weights[index]) / heaviest if heaviest > 0 else 0.0
         radius = max(MIN_RADIUS, largest * math.sqrt(share))
         opacity = MIN_OPACITY + (1 - MIN_OPACITY) * share
@@ -185,7 +187,7 @@ class _SamplingFigure(PanelImage):
             draw.text((16 + 2 * radius, y), text, fill="black", font=font, anchor="lm")
             y += line
         heads, _, points = sampling.decoder_weights.shape[1:]
-        notes = [f"{heads} heads x {points} points per level", "disc area: attention weight",
+        notes = [f"{heads} heads x {points} points per level", "disc area and opacity: weight",
                  "cross: reference point"] + (["dashed: reference box"] if reference_is_box else [])
         for text in notes:
             draw.text((8, y), text, fill="black", font=font, anchor="lm")
