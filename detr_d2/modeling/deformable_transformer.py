@@ -51,7 +51,8 @@ class DeformableDecoder(nn.Module):
         for index, layer in enumerate(self.layers):
             references.append(reference_points)
             points = scaled_reference_points(reference_points, levels.valid_ratios)
-            output = layer(output, query_pos, points, memory, levels.spatial_shapes, levels.mask, self_attn_mask)
+            output = layer(output, query_pos, points, memory, levels.spatial_shapes, levels.mask, self_attn_mask,
+                           levels.level_shapes)
             hidden.append(output)
             if box_heads is not None:
                 reference_points = refined_boxes(box_heads[index](output), reference_points).detach()
@@ -111,7 +112,7 @@ class DeformableTransformer(nn.Module):
         (query_pos, tgt [B, Q, C] from their boxes' sine embedding (C/2 features per
         coordinate: the reference's 128 at C = 256), reference boxes [B, Q, 4] detached,
         encoder_outputs (logits [B, S, K], boxes [B, S, 4]))."""
-        output_memory, proposals = encoder_proposals(memory, levels.mask, levels.spatial_shapes)
+        output_memory, proposals = encoder_proposals(memory, levels.mask, levels.level_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_logits = class_head(output_memory)
         enc_boxes_unsigmoided = box_head(output_memory) + proposals

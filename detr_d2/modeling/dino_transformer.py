@@ -53,7 +53,8 @@ class DinoDecoder(nn.Module):
         for layer, box_head in zip(self.layers, box_heads):
             points = scaled_reference_points(reference, levels.valid_ratios)
             query_pos = self.ref_point_head(anchor_sine_embedding(points[:, :, 0], self.d_model // 2))
-            output = layer(output, query_pos, points, memory, levels.spatial_shapes, levels.mask, self_attn_mask)
+            output = layer(output, query_pos, points, memory, levels.spatial_shapes, levels.mask, self_attn_mask,
+                           levels.level_shapes)
             refined = refined_boxes(box_head(output), reference)
             reference = refined.detach()
             references.append(refined)
@@ -100,7 +101,7 @@ class DinoTransformer(nn.Module):
     def select_queries(self, memory, levels):
         """Mixed query selection -> (anchors [B, Q, 4] inverse-sigmoid, detached; content
         [B, Q, C] learned; interm_logits [B, Q, K]; interm_boxes [B, Q, 4])."""
-        output_memory, proposals = encoder_proposals(memory, levels.mask, levels.spatial_shapes)
+        output_memory, proposals = encoder_proposals(memory, levels.mask, levels.level_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_logits = self.enc_out_class_embed(output_memory)
         enc_boxes_unsigmoided = self.enc_out_bbox_embed(output_memory) + proposals

@@ -14,7 +14,8 @@ __all__ = ["DeformableDecoderLayer"]
 class DeformableDecoderLayer(nn.Module):
     """forward(tgt [B, Q, C], query_pos [B, Q, C], reference_points [B, Q, L, 2|4] (per level,
     scaled by the valid ratios), memory [B, S, C], spatial_shapes [L, 2], memory_mask [B, S]
-    bool, self_attn_mask [Q, Q] bool (True: may not attend) or None) -> [B, Q, C]."""
+    bool, self_attn_mask [Q, Q] bool (True: may not attend) or None, level_shapes (see
+    ``FlatLevels``) or None) -> [B, Q, C]."""
 
     def __init__(self, d_model=256, d_ffn=1024, dropout=0.1, n_levels=4, n_heads=8, n_points=4):
         super().__init__()
@@ -30,11 +31,13 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, memory_mask, self_attn_mask=None):
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, memory_mask, self_attn_mask=None,
+                level_shapes=None):
         query = (tgt + query_pos).transpose(0, 1)
         attended = self.self_attn(query, query, tgt.transpose(0, 1), attn_mask=self_attn_mask,
                                   need_weights=False)[0].transpose(0, 1)
         tgt = self.norm2(tgt + self.dropout2(attended))
-        sampled = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_mask)
+        sampled = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, memory_mask,
+                                  level_shapes)
         tgt = self.norm1(tgt + self.dropout1(sampled))
         return feed_forward(tgt, self.linear1, self.linear2, self.dropout3, self.dropout4, self.norm3)

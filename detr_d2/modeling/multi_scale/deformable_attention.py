@@ -25,7 +25,8 @@ def multi_scale_deformable_attention(value, spatial_shapes, locations, weights):
 
     Args:
         value: [N, S, M, C/M], the levels' maps flattened row-major one after another.
-        spatial_shapes: [L, 2] int64 (H_l, W_l) of each level (or a list of pairs).
+        spatial_shapes: [L, 2] int64 (H_l, W_l) of each level, or a list of (H_l, W_l)
+            pairs (sizes read from tensor shapes, which stay symbolic in an export).
         locations: [N, Lq, M, L, P, 2] normalised (x, y) in [0, 1] per level.
         weights: [N, Lq, M, L, P], softmaxed jointly over L x P per head.
     Returns:
@@ -33,7 +34,7 @@ def multi_scale_deformable_attention(value, spatial_shapes, locations, weights):
     """
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    shapes = spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * locations - 1
     sampled = []
@@ -75,7 +76,9 @@ class MultiScaleDeformableAttention(nn.Module):
 
     forward(query [N, Lq, C] (position embedding included), reference_points [N, Lq, L, 2|4],
     value_input [N, S, C], spatial_shapes [L, 2] int64, padding_mask [N, S] bool (True on
-    padding) or None) -> [N, Lq, C].
+    padding) or None, level_shapes: the same (H_l, W_l) as a list of pairs of sizes, or None
+    to read them from spatial_shapes) -> [N, Lq, C]. ``level_shapes`` keeps an exported
+    graph's per-level split symbolic (values read from a tensor would be fixed in it).
     """
 
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
@@ -120,8 +123,9 @@ class MultiScaleDeformableAttention(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         return value.view(*value.shape[:2], self.n_heads, self.d_model // self.n_heads)
 
-    def forward(self, query, reference_points, value_input, spatial_shapes, padding_mask=None):
+    def forward(self, query, reference_points, value_input, spatial_shapes, padding_mask=None, level_shapes=None):
         value = self.project_value(value_input, padding_mask)
         offsets, weights = self.offsets_and_weights(query)
         locations = sampling_locations(reference_points, offsets, spatial_shapes)
-        return self.output_proj(multi_scale_deformable_attention(value, spatial_shapes, locations, weights))
+        shapes = spatial_shapes if level_shapes is None else level_shapes
+        return self.output_proj(multi_scale_deformable_attention(value, shapes, locations, weights))

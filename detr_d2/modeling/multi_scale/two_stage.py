@@ -22,9 +22,8 @@ def _level_proposals(mask, level, height, width):
     grid_mask = mask.view(batch, height, width)
     valid_height = (~grid_mask[:, :, 0]).sum(1)
     valid_width = (~grid_mask[:, 0, :]).sum(1)
-    y, x = torch.meshgrid(torch.linspace(0, height - 1, height, dtype=torch.float32, device=mask.device),
-                          torch.linspace(0, width - 1, width, dtype=torch.float32, device=mask.device),
-                          indexing="ij")
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=mask.device),
+                          torch.arange(width, dtype=torch.float32, device=mask.device), indexing="ij")
     grid = torch.stack([x, y], -1)
     scale = torch.stack([valid_width, valid_height], 1).view(batch, 1, 1, 2)
     centres = (grid[None].expand(batch, -1, -1, -1) + 0.5) / scale
@@ -32,20 +31,19 @@ def _level_proposals(mask, level, height, width):
     return torch.cat([centres, sizes], -1).view(batch, -1, 4)
 
 
-def encoder_proposals(memory, mask, spatial_shapes):
+def encoder_proposals(memory, mask, level_shapes):
     """The encoder positions' proposals.
 
     Args:
         memory: [B, S, C] encoder output; mask: [B, S] bool (True on padding);
-        spatial_shapes: [L, 2] (H_l, W_l).
+        level_shapes: [(H_l, W_l)] sizes (``FlatLevels.level_shapes``).
     Returns:
         (memory [B, S, C] zeroed where there is no proposal, proposals [B, S, 4]
         inverse-sigmoid cxcywh, +inf where there is none).
     """
-    shapes = spatial_shapes.tolist()
-    level_masks = mask.split([height * width for height, width in shapes], 1)
+    level_masks = mask.split([height * width for height, width in level_shapes], 1)
     proposals = torch.cat([_level_proposals(level_mask, level, height, width)
-                           for level, (level_mask, (height, width)) in enumerate(zip(level_masks, shapes))], 1)
+                           for level, (level_mask, (height, width)) in enumerate(zip(level_masks, level_shapes))], 1)
     low, high = VALID_RANGE
     valid = ((proposals > low) & (proposals < high)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
