@@ -1,7 +1,6 @@
 """DeformableDetr through the command lines: tools/train_net.py (training with evaluation and
 validation losses, --eval-only, --resume) in real subprocesses, then the tools on the
-trained checkpoint (demo, slim_checkpoint, analyze_model, visualize_data, plot_logs); the
-check by which export_model refuses it.
+trained checkpoint (demo, slim_checkpoint, analyze_model, visualize_data, plot_logs).
 
 Model: configs/tests/tiny_deformable.yaml with iterative box refinement and two-stage
 queries, the most complete flavour. Data: conftest.py's two 128-px images per split,
@@ -16,8 +15,6 @@ from PIL import Image
 
 from detr_d2.engine import build_config
 from detr_d2.engine.build import build_model
-from detr_d2.errors import SetupError
-from detr_d2.export import check_exportable
 from tests.engine.test_train_net import bbox_results
 from tests.helpers import (
     REPO,
@@ -177,8 +174,3 @@ def test_data_drawing_and_curves_work_on_the_run(tool_runs):
     assert "validation curves: val/loss_ce" in runs["plot"].output
     assert Image.open(out / "curves.png").size[0] > 500
 
-
-def test_export_refuses_it_naming_the_architecture():
-    cfg = build_config(str(DEFORMABLE_CONFIG), ["MODEL.DETR.NUM_CLASSES", "3"], all_datasets_registered=False)
-    with pytest.raises(SetupError, match="MODEL.META_ARCHITECTURE 'DeformableDetr' cannot be exported"):
-        check_exportable(cfg)
