@@ -2,7 +2,8 @@
 """Plot the training and validation curves of one or more runs from their metrics.json.
 
     python tools/plot_logs.py OUTPUT_DIR [OUTPUT_DIR ...] --output curves.png [--smooth K] \
-        [--labels NAME ...] [--x {iteration,minutes} ...] [--panels KEY ...] [--title TEXT]
+        [--labels NAME ...] [--x {iteration,minutes} ...] [--iteration-seconds S ...] \
+        [--panels KEY ...] [--title TEXT]
 
 Each OUTPUT_DIR is a training run's folder holding detectron2's ``metrics.json`` (one JSON
 object per line with "iteration" and the scalars logged then; evaluation lines carry
@@ -12,7 +13,8 @@ loss_giou, class_error, cardinality_error, lr, bbox/AP, bbox/AP50; or those of -
 any logged key, those with a "/" drawn as evaluations) against the iteration, the runs
 overlaid in their own colour and named by their folder (or by --labels). ``--x minutes``
 puts training minutes on the x axis instead: each run's logged seconds per iteration
-("time", the training step without evaluations) summed over its iterations; ``--x
+("time", the training step without evaluations) summed over its iterations, or its
+iterations times a measured speed given as ``--iteration-seconds`` (one per run); ``--x
 iteration minutes`` draws one row of panels per axis. The loss and error panels draw the training value as a line and the validation value at each evaluation
 as a dashed line with markers (total_loss beside val/loss); with several test sets each
 has its own marker ("<dataset>/val/..." keys). ``--smooth K`` plots the training losses
@@ -35,7 +37,7 @@ from matplotlib.lines import Line2D
 
 from detr_d2.checkpoint.io import atomic_write
 from detr_d2.errors import SetupError
-from detr_d2.utils.tool_setup import positive_int, run_tool, setup_tool_logging
+from detr_d2.utils.tool_setup import positive_float, positive_int, run_tool, setup_tool_logging
 
 PANELS = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error",
           "lr", "bbox/AP", "bbox/AP50")
@@ -43,7 +45,7 @@ SMOOTHED = ("total_loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "c
 VALIDATION_NAME = {"total_loss": "loss"}  # training metric -> its name among the val/ statistics
 TEST_SET_MARKERS = ("o", "s", "^", "D", "v")
 FIGURE_FORMATS = ("png", "pdf", "svg")
-X_AXES = {"iteration": "iteration", "minutes": "training minutes (sum of the logged iteration times)"}
+X_AXES = {"iteration": "iteration", "minutes": "training minutes"}
 GRID_COLUMNS = 3
 METRICS_FILE = "metrics.json"
 
@@ -62,6 +64,9 @@ def build_parser():
     parser.add_argument("--x", nargs="+", choices=tuple(X_AXES), default=["iteration"], dest="x_axes",
                         help="x axis: iteration and/or minutes (training minutes: the logged seconds per "
                              "iteration summed); several: one row of panels each (default: iteration)")
+    parser.add_argument("--iteration-seconds", nargs="+", type=positive_float, metavar="S",
+                        help="with --x minutes: each run's seconds per iteration (one per OUTPUT_DIR, e.g. "
+                             "measured by tools/benchmark.py) in place of its logged times")
     parser.add_argument("--title", default="training and validation curves", help="figure title")
     parser.add_argument("--panels", nargs="+", metavar="KEY", default=list(PANELS),
                         help="metrics to draw, one panel each, e.g. bbox/AP bbox/AP50 (default: "
@@ -115,6 +120,11 @@ def run_labels(run_dirs, labels=None):
         return list(labels)
     names = [os.path.basename(os.path.normpath(run)) for run in run_dirs]
     return [name if names.count(name) == 1 else run for name, run in zip(names, run_dirs)]
+
+
+def with_iteration_seconds(rows, seconds):
+    """``rows`` whose logged seconds per iteration ("time") are all ``seconds``."""
+    return [dict(row, time=seconds) if "time" in row else row for row in rows]
 
 
 def is_evaluated(key):
@@ -238,7 +248,13 @@ def main(argv=None):
     extension = os.path.splitext(args.output)[1].lower().lstrip(".")
     if extension not in FIGURE_FORMATS:
         raise SetupError(f"--output {args.output}: use one of the extensions {', '.join(FIGURE_FORMATS)}")
-    runs = list(zip(run_labels(args.runs, args.labels), [read_metrics(run) for run in args.runs]))
+    metrics = [read_metrics(run) for run in args.runs]
+    if args.iteration_seconds is not None:
+        if len(args.iteration_seconds) != len(args.runs):
+            raise SetupError(f"--iteration-seconds gives {len(args.iteration_seconds)} value(s) for "
+                             f"{len(args.runs)} run(s); give one per OUTPUT_DIR")
+        metrics = [with_iteration_seconds(rows, seconds) for rows, seconds in zip(metrics, args.iteration_seconds)]
+    runs = list(zip(run_labels(args.runs, args.labels), metrics))
     buffer = io.BytesIO()
     figure, validation = curves_figure(runs, args.smooth, args.panels, args.x_axes, args.title)
     figure.savefig(buffer, format=extension)

@@ -326,6 +326,9 @@ def test_plot_logs_training_minutes_sum_the_logged_iteration_times():
     assert iterations.tolist() == [19, 39, 59]
     assert minutes.tolist() == pytest.approx([20 * 0.3 / 60, 20 * 0.9 / 60, 20 * 1.2 / 60])
     assert plot_logs_module().training_clock([{"iteration": 40, "bbox/AP": 5.0}]) is None
+    measured = plot_logs_module().with_iteration_seconds(rows, 1.5)  # --iteration-seconds 1.5
+    assert plot_logs_module().training_clock(measured)[1].tolist() == pytest.approx([0.5, 1.0, 1.5])
+    assert measured[2] == rows[2]
 
 
 def test_plot_logs_names_runs_and_draws_panels_against_iterations_and_minutes(tmp_path):
