@@ -1,11 +1,14 @@
 """The graph's outputs for one image -> detections in the original image's pixels, as
-``detr_d2.modeling.postprocess`` computes them (every query, no threshold)."""
+``detr_d2.modeling.postprocess`` (softmax: every query) and
+``detr_d2.modeling.multi_scale.topk_postprocess`` (sigmoid: the top-k (query, class) pairs)
+compute them, no threshold."""
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-__all__ = ["Detections", "binary_masks", "detections_from_outputs", "scores_and_labels"]
+__all__ = ["Detections", "binary_masks", "detections_from_outputs", "scores_and_labels", "sigmoid",
+           "topk_pairs"]
 
 
 @dataclass
@@ -35,6 +38,24 @@ def scores_and_labels(logits):
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probabilities = (shifted / shifted.sum(axis=-1, keepdims=True))[..., :-1]
     return probabilities.max(axis=-1).astype(np.float32), probabilities.argmax(axis=-1).astype(np.int64)
+
+
+def sigmoid(logits):
+    """1 / (1 + exp(-logits)), float32, without overflow for large negative logits."""
+    logits = logits.astype(np.float32)
+    exp_of_negative_magnitude = np.exp(-np.abs(logits))
+    return np.where(logits >= 0, 1 / (1 + exp_of_negative_magnitude),
+                    exp_of_negative_magnitude / (1 + exp_of_negative_magnitude)).astype(np.float32)
+
+
+def topk_pairs(logits, k):
+    """logits [Q, K] sigmoid logits -> (scores float32 [k'], labels int64 [k'], queries int64
+    [k']): the k' = min(k, Q*K) (query, class) pairs of highest probability, best first
+    (equal probabilities in (query, class) order)."""
+    probabilities = sigmoid(logits).reshape(-1)
+    best = np.argsort(-probabilities, kind="stable")[:min(k, probabilities.size)]
+    num_classes = logits.shape[-1]
+    return probabilities[best], (best % num_classes).astype(np.int64), (best // num_classes).astype(np.int64)
 
 
 def absolute_xyxy(boxes, height, width):
@@ -77,9 +98,15 @@ def binary_masks(mask_logits, padded_size, image_size, output_size, threshold):
     return 1 / (1 + np.exp(-values)) > threshold
 
 
-def detections_from_outputs(logits, boxes, original_size):
-    """One image's graph outputs (logits [Q, K+1], boxes [Q, 4] normalised cxcywh) ->
-    ``Detections`` of all Q queries in pixels of ``original_size`` (height, width), without
-    masks (see ``binary_masks``)."""
-    scores, labels = scores_and_labels(logits)
+def detections_from_outputs(logits, boxes, original_size, topk=None):
+    """One image's graph outputs (logits [Q, K+1] of a softmax export, or [Q, K] sigmoid
+    logits; boxes [Q, 4] normalised cxcywh) -> ``Detections`` in pixels of ``original_size``
+    (height, width), without masks (see ``binary_masks``): with ``topk`` None one per query
+    (softmax, "no object" dropped), else the ``topk`` best (query, class) pairs of the
+    sigmoid probabilities (``topk_pairs``), best first."""
+    if topk is None:
+        scores, labels = scores_and_labels(logits)
+    else:
+        scores, labels, queries = topk_pairs(logits, topk)
+        boxes = boxes[queries]
     return Detections(absolute_xyxy(boxes, *original_size), scores, labels)

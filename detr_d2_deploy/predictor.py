@@ -33,7 +33,7 @@ def batch_detections(outputs, padded_size, image_sizes, original_sizes, spec):
     its unpadded sizes, ``original_sizes`` the (height, width) to report in."""
     results = []
     for index, original_size in enumerate(original_sizes):
-        detections = detections_from_outputs(outputs[0][index], outputs[1][index], original_size)
+        detections = detections_from_outputs(outputs[0][index], outputs[1][index], original_size, spec.topk)
         if spec.has_masks:
             detections.masks = binary_masks(outputs[2][index], padded_size, image_sizes[index], original_size,
                                             spec.mask_threshold)
@@ -64,8 +64,9 @@ class OnnxDetrPredictor:
         return padded_batch(chw)
 
     def run(self, batch, image_sizes):
-        """The graph's outputs for a prepared batch: [logits [B, Q, K+1], boxes [B, Q, 4]
-        normalised cxcywh] and, for a MODEL.MASK_ON export, mask logits [B, Q, h2, w2]."""
+        """The graph's outputs for a prepared batch: [logits [B, Q, K+1] (softmax export) or
+        [B, Q, K] (sigmoid top-k export), boxes [B, Q, 4] normalised cxcywh] and, for a
+        MODEL.MASK_ON export, mask logits [B, Q, h2, w2]."""
         return self.session.run(self.spec.output_names, {IMAGES: batch, IMAGE_SIZES: image_sizes})
 
     def __call__(self, images):
