@@ -1,9 +1,9 @@
-"""Export of a plain DETR to ONNX or TorchScript, verified against eager PyTorch
-(tools/export_model.py).
+"""Export of a plain DETR (``Detr``, ``GroupDetr``, ``DeformableDetr``, ``Dino``) to ONNX or
+TorchScript, verified against eager PyTorch (tools/export_model.py).
 
-* ``adapter.ExportableDetr``: ``Detr.predict`` with tensor inputs (padded normalised batch,
-  unpadded sizes) and outputs (last-layer logits, normalised cxcywh boxes); the padding
-  mask is computed inside the graph;
+* ``adapter.ExportableDetr``: the model's ``predict`` with tensor inputs (padded normalised
+  batch, unpadded sizes) and outputs (last-layer logits, normalised cxcywh boxes); the
+  padding mask is computed inside the graph;
 * ``exporters``: ONNX (dynamo exporter) and TorchScript (trace) writers, and runners of the
   written files (onnxruntime, torch.jit.load);
 * ``description``: export.json's content (``detr_d2_deploy.spec.ExportSpec``);

@@ -2,7 +2,7 @@
 import torch
 
 from detr_d2.export.exporters import ONNX_OPSET
-from detr_d2_deploy.spec import ExportSpec
+from detr_d2_deploy.spec import SIGMOID_TOPK, SOFTMAX, ExportSpec
 
 __all__ = ["DEMO_SCORE_THRESHOLD", "export_source", "export_spec"]
 
@@ -18,9 +18,10 @@ def _category_ids(metadata, num_classes):
     return tuple(int(dataset_id_of[index]) for index in range(num_classes))
 
 
-def export_spec(cfg, metadata, format):
+def export_spec(cfg, metadata, format, topk=None):
     """What export.json says about the model of ``cfg`` exported as ``format``, with the
-    class names and ids of ``metadata`` (detectron2 Metadata, possibly without names)."""
+    class names and ids of ``metadata`` (detectron2 Metadata, possibly without names);
+    ``topk``: None for a softmax model, else the k of its sigmoid top-k post-processing."""
     num_classes = cfg.MODEL.DETR.NUM_CLASSES
     names = metadata.get("thing_classes")
     return ExportSpec(format=format, channel_order=cfg.INPUT.FORMAT,
@@ -31,7 +32,8 @@ def export_spec(cfg, metadata, format):
                       class_names=tuple(names) if names else None,
                       category_ids=_category_ids(metadata, num_classes),
                       score_threshold=DEMO_SCORE_THRESHOLD,
-                      mask_threshold=float(cfg.MODEL.MASK_THRESHOLD) if cfg.MODEL.MASK_ON else None)
+                      mask_threshold=float(cfg.MODEL.MASK_THRESHOLD) if cfg.MODEL.MASK_ON else None,
+                      classification=SOFTMAX if topk is None else SIGMOID_TOPK, topk=topk)
 
 
 def export_source(cfg, config_file, format, example_sizes):

@@ -4,8 +4,8 @@ ONNX: torch's dynamo exporter (``torch.onnx.export(dynamo=True)``, opset 18, wei
 the one file), with the batch, height and width dynamic. TorchScript: ``torch.jit.trace``
 (shapes are traced as operations, so other sizes and batch sizes run the same graph).
 Both take ``(images float32 [B, 3, H, W], image_sizes int64 [B, 2])`` and return
-``(logits [B, Q, K+1], boxes [B, Q, 4])`` (and mask logits with MODEL.MASK_ON), see
-``ExportableDetr``.
+``(logits [B, Q, K+1] or [B, Q, K], boxes [B, Q, 4])`` (and mask logits with
+MODEL.MASK_ON), see ``ExportableDetr``.
 """
 import contextlib
 import logging
@@ -13,6 +13,7 @@ import warnings
 
 import onnx
 import torch
+from onnx_ir.passes.common import CommonSubexpressionEliminationPass
 from torch.export import Dim
 
 from detr_d2.errors import SetupError
@@ -24,20 +25,24 @@ from detr_d2_deploy.spec import BOXES, IMAGE_SIZES, IMAGES, LOGITS, MASKS
 __all__ = ["EXPORTERS", "ONNX_OPSET", "ExportError", "export_onnx", "export_torchscript", "load_exported"]
 
 ONNX_OPSET = 18
-# torch.export takes a size-1 dimension as the constant 1: images above 32 px keep the
-# stride-32 feature map at 2 cells or more while tracing.
-MIN_TRACED_SIDE = 33
 
 
 class ExportError(SetupError):
     """The model cannot be exported as asked; the message says what and why."""
 
 
-def _dynamic_shapes():
-    """Batch, height and width dynamic; sides of at least MIN_TRACED_SIDE (the exported
-    graph itself does not check sizes)."""
+def min_traced_side(stride):
+    """The smallest image side the exported graph is traced for: torch.export takes a
+    size-1 dimension as the constant 1, so sides above the coarsest feature map's
+    ``stride`` (``adapter.coarsest_stride``) keep that map at 2 cells or more."""
+    return stride + 1
+
+
+def _dynamic_shapes(stride):
+    """Batch, height and width dynamic; sides of at least ``min_traced_side(stride)`` (the
+    exported graph itself does not check sizes)."""
     batch = Dim("batch", min=1)
-    height, width = Dim("height", min=MIN_TRACED_SIDE), Dim("width", min=MIN_TRACED_SIDE)
+    height, width = Dim("height", min=min_traced_side(stride)), Dim("width", min=min_traced_side(stride))
     return {IMAGES: {0: batch, 2: height, 3: width}, IMAGE_SIZES: {0: batch}}
 
 
@@ -68,16 +73,29 @@ def _check_dynamic_axes(path):
                           "tensor size into a Python int (e.g. len(tensor), int(size)); use tensor.shape[i]")
 
 
+def _optimize(program):
+    """onnxscript's graph optimisation of the exported ``program``, identical subexpressions
+    merged first: its Clip(Clip(x)) fusion names the new bounds after x, so two identical
+    chains on one tensor (``inverse_sigmoid`` of the same boxes in the decoder and in the
+    heads) would get one name and leave the other Clip reading a missing input (onnxscript
+    0.7; onnxruntime refuses such a file)."""
+    CommonSubexpressionEliminationPass()(program.model)
+    program.optimize()
+
+
 def export_onnx(adapter, images, image_sizes, path):
     """Write ``adapter`` to the ONNX file ``path`` (atomically), traced on the example batch
     ``images`` / ``image_sizes`` (torch tensors; at least 2 images, so that the batch stays
-    dynamic)."""
+    dynamic; sides of at least ``min_traced_side(adapter.coarsest_stride)``)."""
     output_names = [LOGITS, BOXES, MASKS] if adapter.has_masks else [LOGITS, BOXES]
+    dynamic_shapes = _dynamic_shapes(adapter.coarsest_stride)
     with written_atomically(path) as temporary:
         with _quiet_exporter():
-            torch.onnx.export(adapter, (images, image_sizes), temporary, input_names=[IMAGES, IMAGE_SIZES],
-                              output_names=output_names, dynamic_shapes=_dynamic_shapes(), dynamo=True,
-                              opset_version=ONNX_OPSET, external_data=False, verbose=False)
+            program = torch.onnx.export(adapter, (images, image_sizes), input_names=[IMAGES, IMAGE_SIZES],
+                                        output_names=output_names, dynamic_shapes=dynamic_shapes, dynamo=True,
+                                        opset_version=ONNX_OPSET, optimize=False, verbose=False)
+            _optimize(program)
+            program.save(temporary, external_data=False)
         _check_dynamic_axes(temporary)
 
 
@@ -119,6 +137,6 @@ class _OnnxRunner:
 def load_exported(format, path):
     """The exported model at ``path`` (onnxruntime for "onnx", torch.jit.load for
     "torchscript") as a function (images float32 [B, 3, H, W], image_sizes int64 [B, 2],
-    numpy) -> [logits [B, Q, K+1], boxes [B, Q, 4]] (+ mask logits [B, Q, h2, w2] with a
-    mask head) numpy."""
+    numpy) -> [logits [B, Q, K+1] or [B, Q, K], boxes [B, Q, 4]] (+ mask logits
+    [B, Q, h2, w2] with a mask head) numpy."""
     return _OnnxRunner(path) if format == "onnx" else _TorchScriptRunner(path)

@@ -9,9 +9,9 @@ from typing import Optional
 import numpy as np
 
 from detr_d2.acceleration import set_fast_paths
-from detr_d2.export.adapter import ExportableDetr
+from detr_d2.export.adapter import ExportableDetr, coarsest_stride, is_sigmoid_topk
 from detr_d2.export.description import export_source, export_spec
-from detr_d2.export.exporters import EXPORTERS, load_exported
+from detr_d2.export.exporters import EXPORTERS, load_exported, min_traced_side
 from detr_d2.export.verification import (
     compare,
     example_batch,
@@ -87,8 +87,8 @@ def export_model(model, cfg, config_file, metadata, request):
     loaded, eval mode, on the CPU) into ``request.output_dir``: the model file and
     export.json (both written atomically). Returns (the export.json object, whether the
     verification passed, True without ``request.verify``)."""
-    spec = export_spec(cfg, metadata, request.format)
-    sizes = verification_sizes(spec.shortest_edge)
+    spec = export_spec(cfg, metadata, request.format, model.topk if is_sigmoid_topk(model) else None)
+    sizes = verification_sizes(spec.shortest_edge, min_traced_side(coarsest_stride(model)))
     example_images = verification_images(_mixed_sizes(sizes, max(request.batch_size, MIN_EXAMPLE_BATCH)),
                                          request.sample_image)
     model_path = _write_model_file(model, cfg, spec, request, example_images)

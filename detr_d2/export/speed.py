@@ -62,7 +62,7 @@ def time_in_turns(model, session, spec, image, rounds, warmup=1):
     def run_onnx():
         batch, sizes = padded_batch([normalised(image, spec.pixel_mean, spec.pixel_std)])
         logits, boxes = session.run([LOGITS, BOXES], {IMAGES: batch, IMAGE_SIZES: sizes})
-        detections_from_outputs(logits[0], boxes[0], image.shape[:2])
+        detections_from_outputs(logits[0], boxes[0], image.shape[:2], spec.topk)
 
     def run_eager():
         with torch.no_grad():

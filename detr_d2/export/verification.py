@@ -5,9 +5,16 @@ configured); the exported side is the graph with detr_d2_deploy's normalisation,
 and post-processing, i.e. what tools/predict_onnx.py computes. Images are given at their
 network-input size (no resize), so both see the same pixels.
 
-Compared per image and query: boxes (xyxy pixels) as a fraction of the image's width or
-height, scores, labels; with MODEL.MASK_ON the binary masks, pixel by pixel, except where
-the eager mask probability lies within ``MASK_PROBABILITY_MARGIN`` of the threshold.
+Compared per image and query (softmax models) or per (query, class) pair (sigmoid top-k
+models): boxes (xyxy pixels) as a fraction of the image's width or height, scores, labels;
+with MODEL.MASK_ON the binary masks, pixel by pixel, except where the eager mask
+probability lies within ``MASK_PROBABILITY_MARGIN`` of the threshold.
+
+Top-k detections come sorted by score, and pairs whose scores differ by less than the
+float noise of the export may trade ranks (or places at the k-th rank): each eager
+detection is paired with the exported one of its class whose box is nearest, and counts as
+a label mismatch when there is none within the tolerances, unless its score is within
+``SCORE_TOLERANCE`` of the k-th (it may then fall out of the exported top-k).
 """
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -26,7 +33,7 @@ __all__ = ["BOX_TOLERANCE", "SCORE_TOLERANCE", "Difference", "compare", "example
 BOX_TOLERANCE = 1e-4  # of the image's width (x) or height (y)
 SCORE_TOLERANCE = 1e-4
 MASK_PROBABILITY_MARGIN = 1e-3  # mask pixels this close to the threshold may differ
-MIN_SIDE = 64  # verified (and traced) images are larger than 32 px (exporters.MIN_TRACED_SIDE)
+MIN_SIDE = 64  # the smallest side of a verified (and traced) image (see exporters.min_traced_side)
 
 
 @dataclass
@@ -57,10 +64,11 @@ def _off_grid(length):
     return length + 1 if length % 32 == 0 else length
 
 
-def verification_sizes(shortest_edge):
-    """Three (height, width) network-input sizes near ``shortest_edge`` (800 if 0, at least
-    MIN_SIDE), none a multiple of 32: landscape, portrait, and a smaller landscape one."""
-    side = max(shortest_edge or 800, MIN_SIDE)
+def verification_sizes(shortest_edge, min_side=MIN_SIDE):
+    """Three (height, width) network-input sizes near ``shortest_edge`` (800 if 0), none a
+    multiple of 32, no side below ``min_side`` or MIN_SIDE: landscape, portrait, and a
+    smaller landscape one."""
+    side = max(shortest_edge or 800, MIN_SIDE, min_side * 4 // 3 + 1)
     sizes = [(side - 5, side * 4 // 3 + 3), (side * 4 // 3 + 9, side - 11), (side * 3 // 4 + 1, side - 3)]
     return [(_off_grid(height), _off_grid(width)) for height, width in sizes]
 
@@ -124,12 +132,60 @@ def _exported_detections(run_exported, images, spec):
     return batch_detections(run_exported(batch, sizes), batch.shape[2:], sizes, [i.shape[:2] for i in images], spec)
 
 
-def _largest_box_difference(instances, detections, images):
-    """The largest |exported - eager| box coordinate, as a fraction of the image side."""
-    eager = np.stack([i.pred_boxes.tensor.numpy() for i in instances]).astype(np.float64)
-    exported = np.stack([d.boxes for d in detections]).astype(np.float64)
-    sides = np.array([[w, h, w, h] for h, w in (image.shape[:2] for image in images)], np.float64)[:, None, :]
-    return float((np.abs(exported - eager) / sides).max())
+def _box_differences(eager_boxes, exported_boxes, image):
+    """|exported - eager| per box coordinate (xyxy pixels, [..., 4]) as a fraction of the
+    image's width (x) or height (y)."""
+    height, width = image.shape[:2]
+    sides = np.array([width, height, width, height], np.float64)
+    return np.abs(exported_boxes.astype(np.float64) - eager_boxes.astype(np.float64)) / sides
+
+
+def _per_query(instances, detections, images):
+    """(largest box difference, largest score difference, label mismatches) of detections
+    compared query by query."""
+    boxes = [_box_differences(i.pred_boxes.tensor.numpy(), d.boxes, image).max()
+             for i, d, image in zip(instances, detections, images)]
+    scores = [np.abs(d.scores - i.scores.numpy()).max() for i, d in zip(instances, detections)]
+    labels = [(d.labels != i.pred_classes.numpy()).sum() for i, d in zip(instances, detections)]
+    return float(max(boxes)), float(max(scores)), int(sum(labels))
+
+
+def _paired_topk(eager, exported, image):
+    """One image's top-k detections, eager (``Instances``) and exported (``Detections``),
+    paired as the module docstring says (the nearest: the smallest max(box difference,
+    score difference)) -> (largest box difference, largest score difference, eager
+    detections without a pair above the k-th score). The differences are those of the pairs
+    and, for an eager detection without a pair, of the nearest exported detection of its
+    class."""
+    eager_scores = eager.scores.numpy()
+    unpaired = np.ones(len(exported), dtype=bool)
+    largest_box = largest_score = 0.0
+    mismatches = 0
+    for box, score, label in zip(eager.pred_boxes.tensor.numpy(), eager_scores, eager.pred_classes.numpy()):
+        box_differences = _box_differences(box, exported.boxes, image).max(-1)
+        score_differences = np.abs(exported.scores - score)
+        candidates = np.flatnonzero(unpaired & (exported.labels == label))
+        distances = np.maximum(box_differences, score_differences)[candidates]
+        nearest = candidates[np.argmin(distances)] if len(candidates) else None
+        if nearest is not None and box_differences[nearest] <= BOX_TOLERANCE \
+                and score_differences[nearest] <= SCORE_TOLERANCE:
+            unpaired[nearest] = False
+        elif score > eager_scores.min() + SCORE_TOLERANCE:
+            mismatches += 1
+        else:
+            continue  # at the k-th score: may fall out of the exported top-k
+        if nearest is not None:
+            largest_box = max(largest_box, float(box_differences[nearest]))
+            largest_score = max(largest_score, float(score_differences[nearest]))
+    return largest_box, largest_score, mismatches
+
+
+def _per_topk_pair(instances, detections, images):
+    """(largest box difference, largest score difference, label mismatches) of top-k
+    detections paired by ``_paired_topk``."""
+    pairings = [_paired_topk(i, d, image) for i, d, image in zip(instances, detections, images)]
+    boxes, scores, mismatches = zip(*pairings)
+    return max(boxes), max(scores), sum(mismatches)
 
 
 def compare(name, model, run_exported, images, spec):
@@ -137,12 +193,13 @@ def compare(name, model, run_exported, images, spec):
     ``exporters.load_exported``) on the batch ``images`` (HWC uint8, network-input size)."""
     instances = _eager_instances(model, images)
     detections = _exported_detections(run_exported, images, spec)
-    scores = [np.abs(d.scores - i.scores.numpy()).max() for i, d in zip(instances, detections)]
-    labels = [(d.labels != i.pred_classes.numpy()).sum() for i, d in zip(instances, detections)]
+    if spec.topk is None:
+        box, score, labels = _per_query(instances, detections, images)
+    else:
+        box, score, labels = _per_topk_pair(instances, detections, images)
     masks = _mask_mismatches(model, images, instances, detections) if spec.has_masks else None
-    return Difference(name=name, sizes=[list(image.shape[:2]) for image in images],
-                      box=_largest_box_difference(instances, detections, images), score=float(max(scores)),
-                      label_mismatches=int(sum(labels)), mask_mismatches=masks)
+    return Difference(name=name, sizes=[list(image.shape[:2]) for image in images], box=box, score=score,
+                      label_mismatches=labels, mask_mismatches=masks)
 
 
 def report_lines(differences, format):

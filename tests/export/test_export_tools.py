@@ -196,8 +196,8 @@ def test_unsupported_configs_are_refused_in_one_line(exports, datasets_root, tmp
         export(tmp_path / "c", "onnx", tmp_path / "missing.pth"),
         export(tmp_path / "d", "onnx", exports["weights"], "--sample-image", exports["inputs"] / "broken.jpg"),
     ], datasets_root)
-    assert "Detr and GroupDetr" in assert_one_line_error(runs[0], "MODEL.META_ARCHITECTURE", "GeneralizedRCNN",
-                                                         exit_code=2)
+    assert "Detr, GroupDetr, DeformableDetr and Dino" in assert_one_line_error(
+        runs[0], "MODEL.META_ARCHITECTURE", "GeneralizedRCNN", exit_code=2)
     assert_one_line_error(runs[1], "INPUT.FORMAT", "YUV-BT.601", exit_code=2)
     assert_one_line_error(runs[2], "MODEL.WEIGHTS", "missing.pth", exit_code=2)
     assert_one_line_error(runs[3], "--sample-image", "broken.jpg", "not a decodable image", exit_code=2)
