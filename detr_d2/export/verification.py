@@ -27,7 +27,7 @@ from PIL import Image
 from detr_d2_deploy.images import normalised, padded_batch
 from detr_d2_deploy.predictor import batch_detections
 
-__all__ = ["BOX_TOLERANCE", "SCORE_TOLERANCE", "Difference", "compare", "example_batch",
+__all__ = ["BOX_TOLERANCE", "SCORE_TOLERANCE", "Difference", "compare", "example_batch", "paired_topk_differences",
            "verification_images", "verification_sizes", "report_lines"]
 
 BOX_TOLERANCE = 1e-4  # of the image's width (x) or height (y)
@@ -150,40 +150,46 @@ def _per_query(instances, detections, images):
     return float(max(boxes)), float(max(scores)), int(sum(labels))
 
 
-def _paired_topk(eager, exported, image):
+def _nearest_of_class(box, score, label, exported, available, image):
+    """(index, box difference, score difference) of the ``available`` exported detection of
+    class ``label`` with the smallest max(box difference, score difference) to (``box``,
+    ``score``), or None when there is none."""
+    candidates = np.flatnonzero(available & (exported.labels == label))
+    if not len(candidates):
+        return None
+    box_differences = _box_differences(box, exported.boxes[candidates], image).max(-1)
+    score_differences = np.abs(exported.scores[candidates] - score)
+    best = np.argmin(np.maximum(box_differences, score_differences))
+    return candidates[best], float(box_differences[best]), float(score_differences[best])
+
+
+def paired_topk_differences(eager, exported, image):
     """One image's top-k detections, eager (``Instances``) and exported (``Detections``),
-    paired as the module docstring says (the nearest: the smallest max(box difference,
-    score difference)) -> (largest box difference, largest score difference, eager
-    detections without a pair above the k-th score). The differences are those of the pairs
-    and, for an eager detection without a pair, of the nearest exported detection of its
-    class."""
+    paired as the module docstring says -> (largest box difference, largest score
+    difference, eager detections without a pair above the k-th score). The differences are
+    those of the pairs and, for an eager detection without a pair, of the nearest exported
+    detection of its class."""
     eager_scores = eager.scores.numpy()
-    unpaired = np.ones(len(exported), dtype=bool)
+    available = np.ones(len(exported), dtype=bool)
     largest_box = largest_score = 0.0
     mismatches = 0
     for box, score, label in zip(eager.pred_boxes.tensor.numpy(), eager_scores, eager.pred_classes.numpy()):
-        box_differences = _box_differences(box, exported.boxes, image).max(-1)
-        score_differences = np.abs(exported.scores - score)
-        candidates = np.flatnonzero(unpaired & (exported.labels == label))
-        distances = np.maximum(box_differences, score_differences)[candidates]
-        nearest = candidates[np.argmin(distances)] if len(candidates) else None
-        if nearest is not None and box_differences[nearest] <= BOX_TOLERANCE \
-                and score_differences[nearest] <= SCORE_TOLERANCE:
-            unpaired[nearest] = False
-        elif score > eager_scores.min() + SCORE_TOLERANCE:
-            mismatches += 1
+        nearest = _nearest_of_class(box, score, label, exported, available, image)
+        if nearest is not None and nearest[1] <= BOX_TOLERANCE and nearest[2] <= SCORE_TOLERANCE:
+            available[nearest[0]] = False
+        elif score <= eager_scores.min() + SCORE_TOLERANCE:
+            continue  # at the k-th score: it may fall out of the exported top-k
         else:
-            continue  # at the k-th score: may fall out of the exported top-k
+            mismatches += 1
         if nearest is not None:
-            largest_box = max(largest_box, float(box_differences[nearest]))
-            largest_score = max(largest_score, float(score_differences[nearest]))
+            largest_box, largest_score = max(largest_box, nearest[1]), max(largest_score, nearest[2])
     return largest_box, largest_score, mismatches
 
 
 def _per_topk_pair(instances, detections, images):
     """(largest box difference, largest score difference, label mismatches) of top-k
-    detections paired by ``_paired_topk``."""
-    pairings = [_paired_topk(i, d, image) for i, d, image in zip(instances, detections, images)]
+    detections paired by ``paired_topk_differences``."""
+    pairings = [paired_topk_differences(i, d, image) for i, d, image in zip(instances, detections, images)]
     boxes, scores, mismatches = zip(*pairings)
     return max(boxes), max(scores), sum(mismatches)
 
