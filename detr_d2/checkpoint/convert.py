@@ -14,7 +14,8 @@ A 92-output COCO class head (category ids 0..90 + no-object) is reduced to detec
 80 contiguous COCO classes + no-object; a 251-output COCO-panoptic head (category ids
 0..249 + no-object, the published panoptic models) to detectron2's 133 contiguous
 COCO-panoptic classes (80 things + 53 stuff, the order of ``COCO_CATEGORIES``, as the
-builtin ``coco_2017_*_panoptic`` metadata numbers them) + no-object. Other heads are kept.
+builtin ``coco_2017_*_panoptic`` metadata numbers them) + no-object. Other heads, and
+every head with ``keep_classes``, are kept.
 """
 import re
 
@@ -42,6 +43,9 @@ REMAPPED_HEADS = {
                                         "-> 133 detectron2 classes (80 things + 53 stuff; configs/detr_*_panoptic.yaml)"),
 }
 CLASS_HEAD_KEYS = ("class_embed.weight", "class_embed.bias")
+# What every DETR detection checkpoint has besides its backbone, encoder and decoder layers.
+REQUIRED_KEYS = ("query_embed.weight", "input_proj.weight", "input_proj.bias", "bbox_embed.layers.2.weight",
+                 "transformer.decoder.norm.weight")
 UNCHANGED_PREFIXES = ("transformer.", "class_embed.", "bbox_embed.", "query_embed.", "input_proj.")
 SEGM_DETECTOR_PREFIX = "detr."
 MASK_HEAD_PREFIXES = {"bbox_attention.": "mask_head.attention_map.", "mask_head.": "mask_head.fpn."}
@@ -135,8 +139,18 @@ def remap_class_head(state_dict, rows):
         state_dict[key] = state_dict[key][list(rows)].clone()
 
 
-def convert_state_dict(reference, drop_class_head=False, source="checkpoint"):
-    """Reference state dict -> (detr_d2 state dict, report dict with depth and notes)."""
+def _check_required_keys(state_dict, drop_class_head, source):
+    """ConversionError naming ``source`` and the keys a DETR checkpoint lacks."""
+    required = REQUIRED_KEYS + (() if drop_class_head else CLASS_HEAD_KEYS)
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ConversionError(f"{source}: a DETR checkpoint without {', '.join(missing)}: the file is truncated "
+                              "or not a reference DETR checkpoint")
+
+
+def convert_state_dict(reference, drop_class_head=False, source="checkpoint", keep_classes=False):
+    """Reference state dict -> (detr_d2 state dict, report dict with depth and notes).
+    ``keep_classes``: a COCO head kept as it is (else remapped, see the module docstring)."""
     body_keys = [k[len("backbone.0.body."):] for k in reference if k.startswith("backbone.0.body.")]
     depth = resnet_depth(body_keys)
     if depth is None:
@@ -148,18 +162,20 @@ def convert_state_dict(reference, drop_class_head=False, source="checkpoint"):
         raise ConversionError(f"{source}: keys the converter does not know: {unknown[:20]}"
                               f"{' ...' if len(unknown) > 20 else ''}")
     converted = {new: reference[old] for old, new in renamed.items() if new}
-    head_size = converted["class_embed.weight"].shape[0]
+    _check_required_keys(converted, drop_class_head, source)
+    head_size = converted["class_embed.weight"].shape[0] if "class_embed.weight" in converted else 0
     notes = [f"backbone ResNet-{depth} (dilation is not stored in weights: use a *_dc5 config for DC5)"]
     if any(key.startswith("mask_head.") for key in converted):
         notes.append("mask head (bbox_attention, mask_head) kept: load into a MODEL.MASK_ON config")
     if drop_class_head:
         for key in CLASS_HEAD_KEYS:
-            del converted[key]
+            converted.pop(key, None)
         notes.append(f"class head ({head_size} outputs) dropped for fine-tuning on other classes")
-    elif head_size in REMAPPED_HEADS:
+    elif head_size in REMAPPED_HEADS and not keep_classes:
         rows, description = REMAPPED_HEADS[head_size]
         remap_class_head(converted, rows)
         notes.append(f"{description} + no-object")
     else:
-        notes.append(f"class head kept: {head_size - 1} classes + no-object")
+        notes.append(f"class head kept: {head_size - 1} classes + no-object"
+                     f"{' (--keep-classes)' if keep_classes and head_size in REMAPPED_HEADS else ''}")
     return converted, {"depth": depth, "notes": notes}

@@ -341,13 +341,13 @@ def is_dataset_label_map(id2label, rows):
     return kept <= set(id2label) and all(str(name).upper() == "N/A" for i, name in id2label.items() if i not in kept)
 
 
-def class_head_and_names(state_dict, id2label):
+def class_head_and_names(state_dict, id2label, remap=True):
     """Reduce a COCO head (92 outputs, COCO ids 0..90; 251 COCO-panoptic outputs) to
     detectron2's contiguous classes + no-object as the reference converter does, when the
-    labels are those ids; give the class names and dataset ids: (names, ids, note)."""
+    labels are those ids and ``remap``; give the class names and dataset ids: (names, ids, note)."""
     rows = state_dict["class_embed.weight"].shape[0]
     id2label = {int(i): name for i, name in (id2label or {}).items()}
-    known = remapped_heads().get(rows)
+    known = remapped_heads().get(rows) if remap else None
     if known and is_dataset_label_map(id2label, known[0]):
         kept, note = known
         for key in CLASS_HEAD_KEYS:
