@@ -8,6 +8,9 @@ Layouts read (``LAYOUTS``, tried in this order, each recognised by keys only it 
 * ``transformers``: Hugging Face transformers ``DetrForObjectDetection`` /
   ``DetrForSegmentation`` (``model.*``, ``class_labels_classifier``, ``bbox_predictor``):
   ``transformers_layout``;
+* ``deformable``: the reference Deformable DETR (fundamentalvision/Deformable-DETR;
+  ``backbone.0.body.*`` with ``transformer.level_embed``): ``deformable_layout``, whose
+  tensors also fix the model's config (``LayoutReading.config``);
 * ``reference``: the reference DETR itself (``backbone.0.body.*``; segmentation models
   ``detr.*``, ``bbox_attention.*``, ``mask_head.*``): ``convert``;
 * ``detr_d2``: this project's own names (``backbone.body.*``, ``transformer.*`` ...), used
@@ -15,16 +18,18 @@ Layouts read (``LAYOUTS``, tried in this order, each recognised by keys only it 
 
 MODEL.WEIGHTS, MODEL.DETR.FROZEN_WEIGHTS and --resume read every layout
 (``engine.checkpointer``); tools/convert_detr_checkpoint.py writes any of them in
-detr_d2's layout. A state dict of none of them is a ``LayoutError`` naming the layouts
-tried and the closest one by key overlap.
+detr_d2's layout. The reference COCO heads become detectron2's 80 classes unless
+``keep_classes`` (the converter's --keep-classes) keeps them as they are. A state dict of
+none of them is a ``LayoutError`` naming the layouts tried and the closest one by key
+overlap.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from detr_d2.checkpoint import convert, transformers_layout, wrapper_layout
+from detr_d2.checkpoint import convert, deformable_layout, transformers_layout, wrapper_layout
 from detr_d2.checkpoint.convert import CLASS_HEAD_KEYS, ConversionError
 
-__all__ = ["DETR_D2", "LAYOUTS", "LayoutError", "LayoutReading", "detect_layout", "read_layout"]
+__all__ = ["DEFORMABLE", "DETR_D2", "LAYOUTS", "LayoutError", "LayoutReading", "detect_layout", "read_layout"]
 
 DETR_D2_PREFIXES = ("backbone.body.", "transformer.", "class_embed.", "bbox_embed.", "query_embed.", "input_proj.",
                     "position_embedding.", "mask_head.", "extra_query_embed.")
@@ -38,13 +43,17 @@ class LayoutError(ConversionError):
 class Layout:
     """One checkpoint layout: ``detects(state_dict)`` by keys only it has; ``knows(key)``:
     whether it has such a key (for the closest layout); ``convert(state_dict, source,
-    drop_class_head)`` -> (detr_d2 state dict, notes)."""
+    drop_class_head, keep_classes)`` -> (detr_d2 state dict, notes); for layouts whose
+    tensors fix the model's config, ``config_options(state_dict, converted, source,
+    training_args)`` -> ([(config key, value)] on configs/``base_config``, notes)."""
 
     name: str
     title: str
     detects: Callable
     knows: Callable
     convert: Callable
+    config_options: Callable = None
+    base_config: str = None
 
 
 @dataclass
@@ -57,13 +66,23 @@ class LayoutReading:
     notes: list
     class_names: list = None
     dataset_ids: list = None
+    source_state_dict: dict = field(default=None, repr=False)
+    source: str = "checkpoint"
+
+    def config(self, training_args=None):
+        """([(config key, value)] on configs/``layout.base_config``, notes) building the model
+        of these weights, for a layout whose tensors fix it; None for other layouts.
+        ``training_args``: the "args" entry of a reference training-script checkpoint."""
+        if self.layout.config_options is None:
+            return None
+        return self.layout.config_options(self.source_state_dict, self.state_dict, self.source, training_args)
 
 
 def _wrapper_knows(key):
     return any(wrapper_layout.wrapper_key_to_detr_d2(key, segm) is not None for segm in (False, True))
 
 
-def _wrapper_convert(state_dict, source, drop_class_head=False):
+def _wrapper_convert(state_dict, source, drop_class_head=False, keep_classes=False):
     return wrapper_layout.wrapper_to_detr_d2(state_dict, source)
 
 
@@ -74,7 +93,7 @@ def _transformers_knows(key):
                for segm in (False, True))
 
 
-def _transformers_convert(state_dict, source, drop_class_head=False):
+def _transformers_convert(state_dict, source, drop_class_head=False, keep_classes=False):
     converted, facts = transformers_layout.transformers_to_detr_d2(state_dict, source)
     flavour = "timm ResNet" if facts["backbone"] == transformers_layout.TIMM else "transformers ResNetBackbone"
     kind = "DetrForSegmentation" if facts["segmentation"] else "DetrForObjectDetection"
@@ -89,10 +108,15 @@ def _reference_knows(key):
     return convert.rename_key(key[len("detr."):] if key.startswith("detr.") else key) is not None
 
 
-def _reference_convert(state_dict, source, drop_class_head=False):
+def _reference_convert(state_dict, source, drop_class_head=False, keep_classes=False):
     converted, report = convert.convert_state_dict(convert.without_segm_detector_prefix(state_dict),
-                                                   drop_class_head=drop_class_head, source=source)
+                                                   drop_class_head=drop_class_head, source=source,
+                                                   keep_classes=keep_classes)
     return converted, report["notes"]
+
+
+def _deformable_knows(key):
+    return deformable_layout.deformable_key_to_detr_d2(key) is not None
 
 
 def _detr_d2_detects(state_dict):
@@ -107,10 +131,14 @@ WRAPPER = Layout("wrapper", "the reference DETR's detectron2 wrapper (d2/)", wra
                  _wrapper_knows, _wrapper_convert)
 TRANSFORMERS = Layout("transformers", "Hugging Face transformers DETR", transformers_layout.is_transformers_layout,
                       _transformers_knows, _transformers_convert)
+DEFORMABLE = Layout("deformable", "the reference Deformable DETR (fundamentalvision/Deformable-DETR)",
+                    deformable_layout.is_deformable_layout, _deformable_knows, deformable_layout.deformable_to_detr_d2,
+                    deformable_layout.config_options, deformable_layout.BASE_CONFIG)
 REFERENCE = Layout("reference", "the reference DETR (facebookresearch/detr)", _reference_detects,
                    _reference_knows, _reference_convert)
-DETR_D2 = Layout("detr_d2", "detr_d2", _detr_d2_detects, _detr_d2_knows, lambda state_dict, source, drop_class_head=False: (state_dict, []))
-LAYOUTS = (WRAPPER, TRANSFORMERS, REFERENCE, DETR_D2)
+DETR_D2 = Layout("detr_d2", "detr_d2", _detr_d2_detects, _detr_d2_knows,
+                 lambda state_dict, source, drop_class_head=False, keep_classes=False: (state_dict, []))
+LAYOUTS = (WRAPPER, TRANSFORMERS, DEFORMABLE, REFERENCE, DETR_D2)
 
 
 def _without_module_prefix(state_dict):
@@ -145,10 +173,11 @@ def detect_layout(state_dict):
     return next((layout for layout in LAYOUTS if layout.detects(state_dict)), None)
 
 
-def _class_head(reading, state_dict, drop_class_head, id2label=None):
-    """Class names of a transformers model (and its COCO head remapped); the head dropped on request."""
+def _class_head(reading, state_dict, drop_class_head, id2label=None, keep_classes=False):
+    """Class names of a transformers model (and its COCO head remapped unless
+    ``keep_classes``); the head dropped on request."""
     if reading.layout is TRANSFORMERS and "class_embed.weight" in state_dict:
-        names, ids, note = transformers_layout.class_head_and_names(state_dict, id2label)
+        names, ids, note = transformers_layout.class_head_and_names(state_dict, id2label, remap=not keep_classes)
         reading.class_names, reading.dataset_ids = names, ids
         reading.notes.append(note)
     if drop_class_head and "class_embed.weight" in state_dict:
@@ -159,12 +188,14 @@ def _class_head(reading, state_dict, drop_class_head, id2label=None):
         reading.class_names = reading.dataset_ids = None
 
 
-def read_layout(state_dict, source="checkpoint", model_keys=None, drop_class_head=False, id2label=None):
+def read_layout(state_dict, source="checkpoint", model_keys=None, drop_class_head=False, id2label=None,
+                keep_classes=False):
     """``state_dict`` in detr_d2's names: a ``LayoutReading``.
 
     ``model_keys``: the names of the model it is for (MODEL.WEIGHTS); a detr_d2-layout
     dict must then share at least one of them. ``id2label``: a transformers config's labels
-    (class names; a COCO 92-output head is reduced to 80 classes). Raises LayoutError for
+    (class names; a COCO 92-output head is reduced to 80 classes). ``keep_classes``: COCO
+    heads of the reference models and transformers kept as they are. Raises LayoutError for
     a state dict of no known layout, ConversionError for one with keys its layout lacks.
     """
     state_dict = _without_module_prefix(state_dict)
@@ -175,7 +206,7 @@ def read_layout(state_dict, source="checkpoint", model_keys=None, drop_class_hea
     if layout is None:
         lead = "holds no tensor of this model" if model_keys is not None else "is not a checkpoint detr_d2 can convert"
         raise layout_error(state_dict, source, lead)
-    converted, notes = layout.convert(state_dict, source, drop_class_head=drop_class_head)
-    reading = LayoutReading(layout, dict(converted), list(notes))
-    _class_head(reading, reading.state_dict, drop_class_head, id2label)
+    converted, notes = layout.convert(state_dict, source, drop_class_head=drop_class_head, keep_classes=keep_classes)
+    reading = LayoutReading(layout, dict(converted), list(notes), source_state_dict=state_dict, source=str(source))
+    _class_head(reading, reading.state_dict, drop_class_head, id2label, keep_classes)
     return reading
