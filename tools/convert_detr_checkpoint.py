@@ -5,17 +5,23 @@
     python tools/convert_detr_checkpoint.py --source REF.pth --output OUT.pth --drop-class-head
     python tools/convert_detr_checkpoint.py --source WRAPPER_model_final.pth --output OUT.pth
     python tools/convert_detr_checkpoint.py --source detr-resnet-50/ --output detr_r50_hf.pth
+    python tools/convert_detr_checkpoint.py --source r50_deformable_detr-checkpoint.pth --output deformable_r50.pth
     python tools/convert_detr_checkpoint.py --to transformers --source OUT.pth --config-file CFG \\
         --output my-detr/
 
 --source: a checkpoint of the reference DETR (facebookresearch/detr), of its detectron2
-wrapper (d2/: its converter's and its trainer's files), of detr_d2, or a Hugging Face
-transformers DetrForObjectDetection / DetrForSegmentation (a folder with config.json and
+wrapper (d2/: its converter's and its trainer's files), of the reference Deformable DETR
+(fundamentalvision/Deformable-DETR), of detr_d2, or a Hugging Face transformers
+DetrForObjectDetection / DetrForSegmentation (a folder with config.json and
 model.safetensors or pytorch_model.bin, or the weights file alone); the layout is detected
 from the keys. The output loads with ``MODEL.WEIGHTS OUT.pth`` into the model of the
 matching config. From a transformers model the tool also writes that config (OUT.yaml,
 MODEL.WEIGHTS set) and the class names of its id2label (OUT.metadata.json, read by
-tools/demo.py and evaluation when no dataset names the classes).
+tools/demo.py and evaluation when no dataset names the classes); from a Deformable DETR
+OUT.yaml inherits configs/Base-DeformableDETR.yaml and sets what the tensors fix (sizes,
+levels, refinement, two-stage, classes); --opts KEY VALUE pairs are written into OUT.yaml
+too, for what they do not fix (e.g. MODEL.DETR.NUM_OBJECT_QUERIES of a two-stage model).
+COCO heads of the reference models become detectron2's 80 classes unless --keep-classes.
 
 --to transformers writes config.json, model.safetensors and preprocessor_config.json of the
 transformers DETR computing what the --config-file model computes with --source's weights.
@@ -25,6 +31,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+import yaml
 
 import detr_d2  # noqa: F401  (compat fixes, registers Detr)
 from detectron2.config import get_cfg
@@ -45,7 +53,8 @@ from detr_d2.checkpoint.transformers_layout import detr_d2_to_transformers, resn
 from detr_d2.engine import merge_config
 from detr_d2.errors import SetupError
 
-BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "Base-DETR.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BASE_CONFIG = CONFIGS / "Base-DETR.yaml"
 
 
 def parse_args(argv=None):
@@ -64,11 +73,15 @@ def parse_args(argv=None):
                              "transformers' ResNetBackbone (any widths); auto: timm when the ResNet is standard")
     parser.add_argument("--drop-class-head", action="store_true",
                         help="leave the class head out, to fine-tune on other classes")
+    parser.add_argument("--keep-classes", action="store_true",
+                        help="keep a COCO class head as it is (the reference's 91 outputs of Deformable DETR, 92 "
+                             "of DETR) instead of remapping it to detectron2's 80 classes")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow arbitrary pickled objects in --source (runs code from the file; "
                              "only for files whose origin you trust)")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                        help="with --to transformers: overrides of --config-file")
+                        help="with --to transformers: overrides of --config-file; else written into OUT.yaml "
+                             "(Deformable DETR) where the weights do not fix them")
     return parser.parse_args(argv)
 
 
@@ -105,10 +118,57 @@ def write_config(path, reading, source, weights_path):
     return notes
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """Block mappings, lists on one line (as detectron2's configs write them)."""
+
+
+ConfigDumper.add_representer(list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value,
+                                                                                   flow_style=True))
+
+
+def plain_value(value):
+    """A config value as yaml.safe_dump writes it (tuples as lists)."""
+    return [plain_value(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def layout_config(reading, source, weights_path, opts):
+    """(OUT.yaml text, notes of what was assumed) for weights that fix their model's config
+    (``reading.config``): ``_BASE_`` the layout's base config, then the keys the weights (and
+    --opts) set. SetupError for --opts keys or values the config does not take."""
+    options, notes = reading.config(source.extras.get("args"))
+    base = CONFIGS / reading.layout.base_config
+    cfg = merge_config(add_detr_config(get_cfg()), str(base), [])
+    for key, value in options:
+        set_option(cfg, key, value)
+    merge_config(cfg, None, list(opts))
+    keys = ["MODEL.WEIGHTS"] + [key for key, _ in options] + list(opts[0::2])
+    if cfg.MODEL.DETR.NUM_CLASSES not in (None, 80):  # classes of no registered dataset
+        keys += ["DATASETS.TRAIN", "DATASETS.TEST"]
+        cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ()
+    cfg.MODEL.WEIGHTS = os.path.abspath(weights_path)
+    data = {"_BASE_": str(base)}
+    for key in keys:
+        *parents, leaf = key.split(".")
+        node, target = cfg, data
+        for name in parents:
+            node, target = node[name], target.setdefault(name, {})
+        target[leaf] = plain_value(node[leaf])
+    origin = f"{reading.layout.title}: {os.path.abspath(source.path)} converted by tools/convert_detr_checkpoint.py"
+    header = "".join(f"# {line}\n" for line in [origin, *reading.notes, *notes])
+    return header + yaml.dump(data, Dumper=ConfigDumper, sort_keys=False, default_flow_style=False), notes
+
+
 def to_detr_d2(args):
     source = read_source(args.source, trust_pickle=args.trust_pickle)
     id2label = (source.hf_config or {}).get("id2label")
-    reading = read_layout(source.state_dict, args.source, drop_class_head=args.drop_class_head, id2label=id2label)
+    reading = read_layout(source.state_dict, args.source, drop_class_head=args.drop_class_head, id2label=id2label,
+                          keep_classes=args.keep_classes)
+    if args.opts and reading.layout.config_options is None:
+        raise SetupError(f"--opts sets keys of the config written beside converted weights, and {args.source} "
+                         f"({reading.layout.title}) gets none: set them in your config instead")
+    config_path = os.path.splitext(args.output)[0] + ".yaml"
+    fixed_config = (layout_config(reading, source, args.output, args.opts)
+                    if reading.layout.config_options is not None else None)
     atomic_torch_save({"model": reading.state_dict, "__author__": "detr_d2 convert_detr_checkpoint",
                        "matching_heuristics": False}, args.output)
     say(f"read the checkpoint layout of {reading.layout.title}")
@@ -118,12 +178,17 @@ def to_detr_d2(args):
     if reading.class_names is not None:
         say(f"wrote the {len(reading.class_names)} class names to "
             f"{write_class_metadata(args.output, reading.class_names, reading.dataset_ids, args.source)}")
-    if reading.layout is TRANSFORMERS and not args.drop_class_head:
-        config_path = os.path.splitext(args.output)[0] + ".yaml"
-        for note in write_config(config_path, reading, source, args.output):
-            say(note)
-        say(f"wrote its config to {config_path}: python tools/demo.py --config-file {config_path} --input IMAGES "
-            "--output DIR")
+    if fixed_config is not None:
+        text, notes = fixed_config
+        atomic_write(config_path, lambda f: f.write(text), binary=False)
+    elif reading.layout is TRANSFORMERS and not args.drop_class_head:
+        notes = write_config(config_path, reading, source, args.output)
+    else:
+        return
+    for note in notes:
+        say(note)
+    say(f"wrote its config to {config_path}: python tools/demo.py --config-file {config_path} --input IMAGES "
+        "--output DIR")
 
 
 # ---------------------------------------------------------------- to transformers
