@@ -46,7 +46,7 @@ MAX_RADIUS = 1 / 36  # of the panel's longer side: the heaviest point's disc
 MIN_RADIUS = 1.5  # pixels: the lightest points stay visible
 MIN_OPACITY = 0.35  # of the lightest points; 1 for the heaviest
 DASH = 6  # pixels of each dash of a reference box
-MARKER_SIZE = 14  # pixels of the reference point's cross
+MARKER_SIZE = 1 / 24  # of the panel's longer side: the reference point's cross (8 pixels at least)
 
 
 def parse_levels(text):
@@ -153,7 +153,7 @@ class _SamplingFigure(PanelImage):
         if reference.shape[0] == 4:
             half = reference[2:] * scale / 2
             _dashed_box(panel, torch.cat([centre - half, centre + half]).tolist())
-        return mark_points(panel, [centre.tolist()], MARKER_SIZE)
+        return mark_points(panel, [centre.tolist()], max(8, round(MARKER_SIZE * self.panel_side)))
 
     def detection_panel(self, index, query, head=None):
         """Detection ``index`` (made by ``query``): its sampling points and its box."""
