@@ -27,7 +27,6 @@ COCO heads of the reference models become detectron2's 80 classes unless --keep-
 transformers DETR computing what the --config-file model computes with --source's weights.
 Files are written atomically: an interrupted run never leaves a half-written file.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -52,14 +51,14 @@ from detr_d2.checkpoint.transformers_config import (
 from detr_d2.checkpoint.transformers_layout import detr_d2_to_transformers, resnet_spec
 from detr_d2.engine import merge_config
 from detr_d2.errors import SetupError
+from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_overrides, add_trust_pickle
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE_CONFIG = CONFIGS / "Base-DETR.yaml"
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = ToolArgumentParser(__doc__)
     parser.add_argument("--source", required=True,
                         help="checkpoint (.pth, .bin, .safetensors) or transformers model folder")
     parser.add_argument("--output", required=True,
@@ -76,13 +75,11 @@ def parse_args(argv=None):
     parser.add_argument("--keep-classes", action="store_true",
                         help="keep a COCO class head as it is (the reference's 91 outputs of Deformable DETR, 92 "
                              "of DETR) instead of remapping it to detectron2's 80 classes")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="allow arbitrary pickled objects in --source (runs code from the file; "
-                             "only for files whose origin you trust)")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE",
-                        help="with --to transformers: overrides of --config-file; else written into OUT.yaml "
-                             "(Deformable DETR) where the weights do not fix them")
-    return parser.parse_args(argv)
+    add_trust_pickle(parser, what="--source")
+    add_config_overrides(parser, example="MODEL.DETR.NUM_OBJECT_QUERIES 300 (with --to transformers: "
+                                         "overrides of --config-file; else written into OUT.yaml where the "
+                                         "weights do not fix them)")
+    return parser
 
 
 def say(text):
@@ -236,7 +233,7 @@ def to_transformers(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         (to_transformers if args.to == "transformers" else to_detr_d2)(args)
     except SetupError as error:
