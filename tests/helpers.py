@@ -145,6 +145,13 @@ def run_train_net(args, datasets_root, timeout=300):
     return run_python([TRAIN_NET, *args], datasets_root, timeout)
 
 
+def trains_in_subprocess(fixture_function):
+    """Decorate a fixture function (below ``@pytest.fixture``) that trains in a subprocess:
+    conftest.py marks every test using it slow (out of ``make test-quick``)."""
+    fixture_function.trains_in_subprocess = True
+    return fixture_function
+
+
 def read_metrics(output_dir):
     """The rows of ``output_dir/metrics.json`` (one json object per line)."""
     lines = Path(output_dir, "metrics.json").read_text().splitlines()
@@ -352,32 +359,29 @@ def convert_with_cli(source, output, *extra):
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-def converted_fixture_model(name, tmp_path):
-    """(model in eval mode loaded through the converter CLI, inputs, expected) of a fixture."""
+def converted_fixture_model(name, converted_reference):
+    """(model in eval mode loaded from the converter CLI's output, inputs, expected) of a
+    fixture; ``converted_reference`` is conftest.py's fixture of that name."""
     path = fixture_dir(name)
-    output = tmp_path / f"{name}.pth"
-    result = convert_with_cli(path / "checkpoint.pth", output)
-    assert result.returncode == 0, result.stderr
     model = build_model(config_for_fixture(path))
-    DetectionCheckpointer(model).load(str(output))
+    DetectionCheckpointer(model).load(str(converted_reference(name)[0]))
     model.eval()
     inputs = torch.load(path / "inputs.pt", weights_only=True)
     expected = torch.load(path / "expected.pt", weights_only=True)
     return model, inputs, expected
 
 
-def panoptic_fixture_config(root, things, splits, dataset, seed=5):
-    """(config, data folder): the converted reference DETRsegm fixture (6 classes) with
-    PANOPTIC_ON on panoptic shapes generated in ``root``/shapes (``things`` + sky / ground /
-    water, ``splits`` {name: count}); the val split registered as ``dataset`` and made the
-    training set, so its metadata names the classes."""
+def panoptic_fixture_config(root, things, splits, dataset, converted_reference, seed=5):
+    """(config, data folder): the converted reference DETRsegm fixture (6 classes; from
+    conftest.py's ``converted_reference``) with PANOPTIC_ON on panoptic shapes generated in
+    ``root``/shapes (``things`` + sky / ground / water, ``splits`` {name: count}); the val
+    split registered as ``dataset`` and made the training set, so its metadata names the
+    classes."""
     data = root / "shapes"
     generate_panoptic_dataset(data, things, splits, seed=seed)
     fixture = fixture_dir("detr_upstream_segm_tiny")
-    weights = root / "segm.pth"
-    assert convert_with_cli(fixture / "checkpoint.pth", weights).returncode == 0
     cfg = config_for_fixture(fixture)
-    cfg.MODEL.WEIGHTS = str(weights)
+    cfg.MODEL.WEIGHTS = str(converted_reference("detr_upstream_segm_tiny")[0])
     cfg.MODEL.DETR.NUM_CLASSES = None
     cfg.MODEL.DETR.PANOPTIC_ON = True
     cfg.DATASETS.REGISTER_COCO_PANOPTIC = ((dataset, str(data / "annotations" / "panoptic_val.json"),

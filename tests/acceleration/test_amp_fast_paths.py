@@ -124,12 +124,12 @@ def top2_gap(logits):
 
 
 @pytest.mark.parametrize("name", ["detr_upstream_tiny", "detr_upstream_r50dc5_coco92"])
-def test_bf16_inference_keeps_the_reference_labels_and_boxes(name, tmp_path):
+def test_bf16_inference_keeps_the_reference_labels_and_boxes(name, converted_reference):
     """With the fast paths (TEST.AMP's default): every top-1 label kept, boxes within 1% of
     the image side (measured: at most 0.1%). The plain path under the same autocast keeps the
     boxes too, and every label whose two best classes are at least 0.01 apart (the random
     tiny fixture has a query at 0.2882 vs 0.2871, which bfloat16 may swap)."""
-    model, inputs, expected = converted_fixture_model(name, tmp_path)
+    model, inputs, expected = converted_fixture_model(name, converted_reference)
     accelerate(model, True)
     images_chw = chw_images(inputs)
     for fast in (True, False):

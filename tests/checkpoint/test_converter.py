@@ -22,18 +22,16 @@ def load_report(model, path):
 
 
 @pytest.mark.parametrize("name", ["detr_upstream_tiny", "detr_upstream_r50dc5_coco92"])
-def test_converted_fixture_loads_with_no_missing_or_unexpected_keys(name, tmp_path):
-    output = tmp_path / "out.pth"
-    result = convert_with_cli(fixture_dir(name) / "checkpoint.pth", output)
+def test_converted_fixture_loads_with_no_missing_or_unexpected_keys(name, converted_reference):
+    output, result = converted_reference(name)
     assert result.returncode == 0, result.stderr
     model = build_model(config_for_fixture(fixture_dir(name)))
     assert load_report(model, output) == ([], [])
 
 
-def test_coco_head_is_remapped_to_80_classes_plus_no_object(tmp_path):
+def test_coco_head_is_remapped_to_80_classes_plus_no_object(converted_reference):
     reference = reference_state_dict("detr_upstream_r50dc5_coco92")
-    output = tmp_path / "out.pth"
-    assert convert_with_cli(fixture_dir("detr_upstream_r50dc5_coco92") / "checkpoint.pth", output).returncode == 0
+    output, _ = converted_reference("detr_upstream_r50dc5_coco92")
     converted = torch.load(output, weights_only=True)["model"]
     assert converted["class_embed.weight"].shape[0] == 81
     assert len(COCO_CATEGORY_IDS) == 80 and COCO_HEAD_ROWS[-1] == 91
@@ -43,10 +41,9 @@ def test_coco_head_is_remapped_to_80_classes_plus_no_object(tmp_path):
     torch.testing.assert_close(converted["class_embed.bias"][80], reference["class_embed.bias"][91])
 
 
-def test_drop_class_head_leaves_only_the_head_missing(tmp_path):
+def test_drop_class_head_leaves_only_the_head_missing(converted_reference):
     name = "detr_upstream_tiny"
-    output = tmp_path / "out.pth"
-    result = convert_with_cli(fixture_dir(name) / "checkpoint.pth", output, "--drop-class-head")
+    output, result = converted_reference(name, "--drop-class-head")
     assert result.returncode == 0 and "dropped" in result.stdout
     model = build_model(config_for_fixture(fixture_dir(name)))
     assert load_report(model, output) == (["class_embed.bias", "class_embed.weight"], [])
@@ -117,10 +114,9 @@ def test_truncated_file_is_a_clear_error_and_output_untouched(tmp_path):
     assert output.read_bytes() == b"previous"
 
 
-def test_converted_weights_load_through_detection_checkpointer(tmp_path):
+def test_converted_weights_load_through_detection_checkpointer(converted_reference):
     name = "detr_upstream_tiny"
-    output = tmp_path / "out.pth"
-    assert convert_with_cli(fixture_dir(name) / "checkpoint.pth", output).returncode == 0
+    output, _ = converted_reference(name)
     model = build_model(config_for_fixture(fixture_dir(name)))
     DetectionCheckpointer(model).load(str(output))
     reference = reference_state_dict(name)

@@ -7,14 +7,12 @@ import torch
 from detectron2.modeling import build_model
 
 from detr_d2.engine import AtomicDetectionCheckpointer, SetupError
-from tests.helpers import REPO, config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import REPO, config_for_fixture, fixture_dir
 
 
 @pytest.fixture(scope="module")
-def converted_tiny(tmp_path_factory):
-    output = tmp_path_factory.mktemp("weights") / "tiny.pth"
-    assert convert_with_cli(fixture_dir("detr_upstream_tiny") / "checkpoint.pth", output).returncode == 0
-    return output
+def converted_tiny(converted_reference):
+    return converted_reference("detr_upstream_tiny")[0]
 
 
 def test_complete_checkpoint_loads_for_inference(converted_tiny):

@@ -73,10 +73,9 @@ def test_converted_panoptic_checkpoint_loads_into_a_133_class_panoptic_model(pan
     torch.testing.assert_close(model.class_embed.bias, converted["class_embed.bias"])
 
 
-def test_other_head_sizes_are_kept(tmp_path):
+def test_other_head_sizes_are_kept(converted_reference):
     """The fixture's own 7-output head (6 classes + no-object) is neither COCO layout: kept."""
-    output = tmp_path / "out.pth"
-    result = convert_with_cli(fixture_dir(SEGM) / "checkpoint.pth", output)
+    output, result = converted_reference(SEGM)
     assert result.returncode == 0 and "class head kept: 6 classes" in result.stdout
     reference = torch.load(fixture_dir(SEGM) / "checkpoint.pth", weights_only=True)["model"]
     converted = torch.load(output, weights_only=True)["model"]

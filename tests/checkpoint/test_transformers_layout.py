@@ -22,7 +22,7 @@ from detr_d2 import add_detr_config
 from detr_d2.checkpoint.convert import COCO_CATEGORY_IDS, COCO_HEAD_ROWS
 from detr_d2.engine import AtomicDetectionCheckpointer, merge_config
 from detr_d2.engine.build import build_model
-from tests.helpers import REPO, config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import REPO, config_for_fixture, fixture_dir, run_concurrently
 from tests.modeling.test_segm_parity import assert_mask_logits_close
 
 transformers = pytest.importorskip("transformers")
@@ -114,8 +114,11 @@ def assert_outputs_close(ours, theirs, logit_columns=None, scaled_mask_inputs=Fa
             torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
 
 
+CONVERTER = REPO / "tools" / "convert_detr_checkpoint.py"
+
+
 def run_cli(*args):
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "convert_detr_checkpoint.py"), *map(str, args)],
+    result = subprocess.run([sys.executable, str(CONVERTER), *map(str, args)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
@@ -131,17 +134,18 @@ CASES = {  # name: (backbone flavour, segmentation, labels)
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """name -> (transformers model, its folder, converted .pth): each case saved and converted once."""
+    """name -> (transformers model, its folder, converted .pth, converter stdout): each case
+    saved, then all converted at once."""
     root = tmp_path_factory.mktemp("hf")
-    cases = {}
-    for name, (backbone, segmentation, labels) in CASES.items():
-        model = hf_model(backbone, segmentation, labels or coco_labels())
-        folder = root / name
-        model.save_pretrained(folder)
-        output = root / f"{name}.pth"
-        stdout = run_cli("--source", folder, "--output", output)
-        cases[name] = (model, folder, output, stdout)
-    return cases
+    models = {name: hf_model(backbone, segmentation, labels or coco_labels())
+              for name, (backbone, segmentation, labels) in CASES.items()}
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+    runs = run_concurrently([[CONVERTER, "--source", root / name, "--output", root / f"{name}.pth"] for name in CASES],
+                            REPO / "datasets")
+    for run in runs:
+        assert run.returncode == 0, run.output[-3000:]
+    return {name: (models[name], root / name, root / f"{name}.pth", run.stdout) for name, run in zip(CASES, runs)}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -206,12 +210,11 @@ def test_round_trip_of_converted_models_is_exact(converted, name, tmp_path):
 
 @pytest.mark.parametrize("fixture, backbone", [("detr_upstream_tiny", "timm"), ("detr_upstream_tiny", "transformers"),
                                                ("detr_upstream_segm_tiny", "auto")])
-def test_detr_d2_model_exported_to_transformers_predicts_the_same(fixture, backbone, tmp_path):
+def test_detr_d2_model_exported_to_transformers_predicts_the_same(fixture, backbone, tmp_path, converted_reference):
     """A detr_d2 checkpoint (the reference fixture, converted) and its config -> a transformers
     folder that transformers loads and that predicts what detr_d2 does; back exactly."""
     path = fixture_dir(fixture)
-    weights, config_file = tmp_path / "detr_d2.pth", tmp_path / "config.yaml"
-    assert convert_with_cli(path / "checkpoint.pth", weights).returncode == 0
+    (weights, _), config_file = converted_reference(fixture), tmp_path / "config.yaml"
     cfg = config_for_fixture(path)
     config_file.write_text(cfg.dump())
     stdout = export_and_back(config_file, weights, tmp_path / "hf", tmp_path / "back.pth", "--backbone-format", backbone)
@@ -223,10 +226,9 @@ def test_detr_d2_model_exported_to_transformers_predicts_the_same(fixture, backb
                          scaled_mask_inputs=bool(cfg.MODEL.MASK_ON))
 
 
-def test_export_refuses_what_transformers_cannot_hold(tmp_path):
+def test_export_refuses_what_transformers_cannot_hold(tmp_path, converted_reference):
     path = fixture_dir("detr_upstream_tiny")
-    weights, config_file = tmp_path / "detr_d2.pth", tmp_path / "config.yaml"
-    assert convert_with_cli(path / "checkpoint.pth", weights).returncode == 0
+    (weights, _), config_file = converted_reference("detr_upstream_tiny"), tmp_path / "config.yaml"
     cfg = config_for_fixture(path)
     cfg.MODEL.DETR.PRE_NORM = True
     config_file.write_text(cfg.dump())

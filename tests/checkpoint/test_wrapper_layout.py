@@ -118,13 +118,12 @@ def test_mask_on_wrapper_checkpoint_gives_the_reference_masks(files, kind):
     assert_mask_logits_close(mask_logits, expected["pred_masks"])
 
 
-def test_converter_writes_the_same_weights_as_from_the_reference(files, tmp_path):
+def test_converter_writes_the_same_weights_as_from_the_reference(files, tmp_path, converted_reference):
     for name in (TINY, SEGM):
-        from_wrapper, from_reference = tmp_path / f"{name}_w.pth", tmp_path / f"{name}_r.pth"
+        from_wrapper, (from_reference, _) = tmp_path / f"{name}_w.pth", converted_reference(name)
         result = convert_with_cli(files[name, "trainer"], from_wrapper)
         assert result.returncode == 0, result.stderr
         assert "detectron2 wrapper" in result.stdout
-        assert convert_with_cli(fixture_dir(name) / "checkpoint.pth", from_reference).returncode == 0
         ours, theirs = (torch.load(p, weights_only=True)["model"] for p in (from_wrapper, from_reference))
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[key], theirs[key]) for key in ours)
@@ -200,13 +199,12 @@ def wrapper_converter_key(reference_key):
     return "detr." + key
 
 
-def test_wrapper_converter_output_of_a_segmentation_checkpoint_is_read(tmp_path):
+def test_wrapper_converter_output_of_a_segmentation_checkpoint_is_read(tmp_path, converted_reference):
     reference = reference_model_state(SEGM)
     source = tmp_path / "segm_wrapper_converter.pth"
     torch.save({"model": {wrapper_converter_key(key): value for key, value in reference.items()}}, source)
     assert any(".backbone.0.backbone.stem.detr.conv1." in key for key in torch.load(source, weights_only=True)["model"])
-    ours, theirs = tmp_path / "w.pth", tmp_path / "r.pth"
+    ours, (theirs, _) = tmp_path / "w.pth", converted_reference(SEGM)
     assert convert_with_cli(source, ours).returncode == 0
-    assert convert_with_cli(fixture_dir(SEGM) / "checkpoint.pth", theirs).returncode == 0
     ours, theirs = (torch.load(p, weights_only=True)["model"] for p in (ours, theirs))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)

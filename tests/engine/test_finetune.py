@@ -5,7 +5,7 @@ from detectron2.modeling import build_model
 from detr_d2.data import register_datasets_from_config, resolve_num_classes
 from detr_d2.data.shapes import generate_dataset
 from detr_d2.engine import AtomicDetectionCheckpointer, Trainer
-from tests.helpers import config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import config_for_fixture, fixture_dir
 
 
 def finetune_config(fixture, weights, data_root, jsons, output_dir):
@@ -25,10 +25,9 @@ def finetune_config(fixture, weights, data_root, jsons, output_dir):
     return cfg
 
 
-def test_finetune_from_converted_checkpoint_without_class_head(tmp_path):
+def test_finetune_from_converted_checkpoint_without_class_head(tmp_path, converted_reference):
     fixture = fixture_dir("detr_upstream_tiny")
-    weights = tmp_path / "no_head.pth"
-    assert convert_with_cli(fixture / "checkpoint.pth", weights, "--drop-class-head").returncode == 0
+    weights, _ = converted_reference("detr_upstream_tiny", "--drop-class-head")
     jsons = generate_dataset(tmp_path / "data", ["star", "cross"], {"train": 4, "val": 2},
                              image_size=96, min_size=20, max_size=40, seed=1)
     cfg = finetune_config(fixture, weights, tmp_path / "data", jsons, tmp_path / "out")
@@ -49,10 +48,9 @@ def test_finetune_from_converted_checkpoint_without_class_head(tmp_path):
     assert (tmp_path / "out" / "model_final.pth").is_file()
 
 
-def test_full_coco_head_checkpoint_skips_the_mis_shaped_head(tmp_path):
+def test_full_coco_head_checkpoint_skips_the_mis_shaped_head(converted_reference):
     fixture = fixture_dir("detr_upstream_tiny")
-    weights = tmp_path / "full.pth"
-    assert convert_with_cli(fixture / "checkpoint.pth", weights).returncode == 0
+    weights, _ = converted_reference("detr_upstream_tiny")
     cfg = config_for_fixture(fixture)
     cfg.MODEL.DETR.NUM_CLASSES = 2
     model = build_model(cfg)

@@ -28,6 +28,7 @@ from tests.helpers import (
     save_weights,
     tiny_model,
     train_net,
+    trains_in_subprocess,
 )
 
 CLASSES = ("MODEL.DETR.NUM_CLASSES", 80)  # tiny.yaml's data: the 80 COCO classes
@@ -154,6 +155,7 @@ def test_legacy_pkl_with_other_objects_needs_trust_pickle(files, model):
 
 # ---------------------------------------------------------------- the real tools
 @pytest.fixture(scope="module")
+@trains_in_subprocess
 def cli(files, datasets_root, tmp_path_factory):
     """{case: (Run, marker file or None, output path)} of every CLI case, run at once."""
     root = tmp_path_factory.mktemp("checkpoint_cli")

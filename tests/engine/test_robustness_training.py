@@ -19,6 +19,7 @@ from tests.helpers import (
     run_one,
     tiny_model,
     train_net,
+    trains_in_subprocess,
 )
 
 # From iteration 3 on the LR is multiplied by 1e30: AdamW's first step at that LR makes
@@ -31,6 +32,7 @@ INFINITE_LOSS_WEIGHT = ["MODEL.DETR.CLASS_WEIGHT", 1e39, "SOLVER.MAX_ITER", 3, "
 
 
 @pytest.fixture(scope="module")
+@trains_in_subprocess
 def diverging_runs(datasets_root, tmp_path_factory):
     """(Run, OUTPUT_DIR) of the exploding-LR run and of the infinite-loss run."""
     root = tmp_path_factory.mktemp("diverging")

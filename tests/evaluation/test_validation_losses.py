@@ -74,20 +74,28 @@ def criterion_by_hand(root):
     return expected
 
 
-def test_eval_only_prints_and_stores_the_criterion_averaged_as_by_hand(evaluation_root, tmp_path):
-    runs = run_concurrently([eval_only(evaluation_root, tmp_path / "on"),
-                             eval_only(evaluation_root, tmp_path / "off", "TEST.EVAL_LOSSES", False)],
+@pytest.fixture(scope="module")
+def evaluations(evaluation_root, tmp_path_factory):
+    """Folder holding "on" and "off": OUTPUT_DIRs of --eval-only runs with TEST.EVAL_LOSSES
+    (the default) and without (asserted to have succeeded)."""
+    root = tmp_path_factory.mktemp("evaluations")
+    runs = run_concurrently([eval_only(evaluation_root, root / "on"),
+                             eval_only(evaluation_root, root / "off", "TEST.EVAL_LOSSES", False)],
                             evaluation_root)
     for run in runs:
         assert_succeeded(run)
-    report = validation_report(tmp_path / "on")
+    return root
+
+
+def test_eval_only_prints_and_stores_the_criterion_averaged_as_by_hand(evaluation_root, evaluations):
+    report = validation_report(evaluations / "on")
     assert report["images"] == VAL_IMAGES
     statistics = report["statistics"]
     assert set(statistics) == set(REFERENCE_NAMES)
     expected = criterion_by_hand(evaluation_root)
     for name, value in expected.items():
         assert statistics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
-    log = (tmp_path / "on" / "log.txt").read_text()
+    log = (evaluations / "on" / "log.txt").read_text()
     header = "DETR criterion on coco_2017_val (5 images, mean per image):"
     assert log.index("Evaluation results for bbox") < log.index(header)  # after the AP table
     table = log[log.index(header):].splitlines()[1:16]
@@ -95,8 +103,8 @@ def test_eval_only_prints_and_stores_the_criterion_averaged_as_by_hand(evaluatio
     assert [cell.strip() for cell in row.strip("|").split("|")] == [
         "loss_bbox_0", f"{statistics['loss_bbox_0']:.4f}", f"{statistics['loss_bbox_0_unscaled']:.4f}", "5"]
     assert "copypaste: Task: val" in log
-    assert not (tmp_path / "off" / "inference" / "validation_losses_coco_2017_val.json").exists()
-    assert "DETR criterion" not in (tmp_path / "off" / "log.txt").read_text()
+    assert not (evaluations / "off" / "inference" / "validation_losses_coco_2017_val.json").exists()
+    assert "DETR criterion" not in (evaluations / "off" / "log.txt").read_text()
 
 
 def test_periodic_evaluation_writes_val_metrics_at_the_evaluated_iterations(evaluation_root, tmp_path):
@@ -117,14 +125,12 @@ def test_periodic_evaluation_writes_val_metrics_at_the_evaluated_iterations(eval
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_numbers_of_one(evaluation_root, tmp_path):
-    runs = run_concurrently([eval_only(evaluation_root, tmp_path / "one"),
-                             eval_only(evaluation_root, tmp_path / "two", flags=("--num-gpus", 2, "--dist-url", "auto"))],
-                            evaluation_root)
-    for run in runs:
-        assert_succeeded(run)
+def test_two_processes_give_the_numbers_of_one(evaluation_root, evaluations, tmp_path):
+    run = run_concurrently([eval_only(evaluation_root, tmp_path / "two",
+                                      flags=("--num-gpus", 2, "--dist-url", "auto"))], evaluation_root)[0]
+    assert_succeeded(run)
     assert "World size: 2" in (tmp_path / "two" / "log.txt").read_text()
-    one, two = validation_report(tmp_path / "one"), validation_report(tmp_path / "two")
+    one, two = validation_report(evaluations / "on"), validation_report(tmp_path / "two")
     assert one["images"] == two["images"] == VAL_IMAGES
     assert two["statistics"] == pytest.approx(one["statistics"], rel=1e-6)
 

@@ -22,7 +22,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from detr_d2.modeling.panoptic import kept_queries, panoptic_segmentation, pil_nearest_resize, resized_mask_logits
-from tests.helpers import chw_images, config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import chw_images, config_for_fixture, fixture_dir
 
 SEGM = "detr_upstream_segm_tiny"
 THING_MAX = 3  # the fixture's is_thing_map: class c is a thing iff c <= 3 (config.json)
@@ -38,13 +38,12 @@ def fixture_data():
 
 
 @pytest.fixture(scope="module")
-def segm(tmp_path_factory):
+def segm(converted_reference):
     """(model of the fixture's config + MODEL.DETR.PANOPTIC_ON, its thing classes and the
-    fixture's threshold, loaded through the converter CLI, in eval mode; inputs; expected)."""
+    fixture's threshold, loaded from the converter CLI's output, in eval mode; inputs; expected)."""
     path = fixture_dir(SEGM)
     expected = torch.load(path / "expected.pt", weights_only=True)
-    weights = tmp_path_factory.mktemp("panoptic_segm") / "converted.pth"
-    assert convert_with_cli(path / "checkpoint.pth", weights).returncode == 0
+    weights, _ = converted_reference(SEGM)
     cfg = config_for_fixture(path)
     cfg.MODEL.DETR.PANOPTIC_ON = True
     cfg.MODEL.DETR.PANOPTIC_THING_IDS = list(range(THING_MAX + 1))

@@ -13,13 +13,13 @@ DC5 = "detr_upstream_r50dc5_coco92"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return converted_fixture_model(TINY, tmp_path_factory.mktemp("tiny"))
+def tiny(converted_reference):
+    return converted_fixture_model(TINY, converted_reference)
 
 
 @pytest.fixture(scope="module")
-def dc5(tmp_path_factory):
-    return converted_fixture_model(DC5, tmp_path_factory.mktemp("dc5"))
+def dc5(converted_reference):
+    return converted_fixture_model(DC5, converted_reference)
 
 
 def raw_outputs(model, images):

@@ -32,8 +32,8 @@ NEAR_THRESHOLD = 1e-4
 
 
 @pytest.fixture(scope="module")
-def segm(tmp_path_factory):
-    return converted_fixture_model(SEGM, tmp_path_factory.mktemp("segm"))
+def segm(converted_reference):
+    return converted_fixture_model(SEGM, converted_reference)
 
 
 def mask_predictions(model, images):

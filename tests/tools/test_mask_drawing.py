@@ -15,7 +15,7 @@ from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 
 from detr_d2 import add_detr_config
-from tests.helpers import REPO, TINY_CONFIG, config_for_fixture, convert_with_cli, fixture_dir, write_coco_split
+from tests.helpers import REPO, TINY_CONFIG, config_for_fixture, fixture_dir, write_coco_split
 
 TEST_SIZE = 112
 
@@ -32,12 +32,10 @@ def read_rgb(path):
     return image[:, :, ::-1]
 
 
-def segm_fixture_config(tmp_path):
+def segm_fixture_config(tmp_path, converted_reference):
     """(config file, CfgNode) of the converted DETRsegm fixture model, no datasets."""
     fixture = fixture_dir("detr_upstream_segm_tiny")
-    weights = tmp_path / "segm.pth"
-    converted = convert_with_cli(fixture / "checkpoint.pth", weights)
-    assert converted.returncode == 0, converted.stderr
+    weights, _ = converted_reference("detr_upstream_segm_tiny")
     cfg = config_for_fixture(fixture)
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (), ()
@@ -49,8 +47,8 @@ def segm_fixture_config(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_draws_and_records_the_predicted_masks(tmp_path):
-    config, cfg = segm_fixture_config(tmp_path)
+def test_demo_draws_and_records_the_predicted_masks(tmp_path, converted_reference):
+    config, cfg = segm_fixture_config(tmp_path, converted_reference)
     images = torch.load(fixture_dir("detr_upstream_segm_tiny") / "inputs.pt", weights_only=True)["images_hwc_uint8_rgb"]
     image_path = tmp_path / "shapes.png"
     cv2.imwrite(str(image_path), images[0].numpy()[:, :, ::-1])

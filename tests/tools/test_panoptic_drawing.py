@@ -33,10 +33,10 @@ def read_rgb(path):
 
 
 @pytest.fixture(scope="module")
-def panoptic_demo(tmp_path_factory):
+def panoptic_demo(tmp_path_factory, converted_reference):
     """(config file, validation image paths, demo output folder, the demo's CompletedProcess)."""
     root = tmp_path_factory.mktemp("panoptic_demo")
-    cfg, data = panoptic_fixture_config(root, THINGS, {"val": 2}, "demo_panoptic_val")
+    cfg, data = panoptic_fixture_config(root, THINGS, {"val": 2}, "demo_panoptic_val", converted_reference)
     cfg.MODEL.DETR.PANOPTIC_THRESHOLD = THRESHOLD
     cfg.DATASETS.TEST = ()
     config = root / "panoptic.yaml"

@@ -19,10 +19,10 @@ THRESHOLDS = (0.2, 0.35)  # the fixture's scores are low: the reference's 0.85 k
 
 
 @pytest.fixture(scope="module")
-def panoptic_run(tmp_path_factory):
+def panoptic_run(tmp_path_factory, converted_reference):
     """(config file, data folder): the fixture model with PANOPTIC_ON, its val split registered."""
     root = tmp_path_factory.mktemp("thresholds")
-    cfg, data = panoptic_fixture_config(root, THINGS, {"val": 3, "tune": 2}, "sweep_val")
+    cfg, data = panoptic_fixture_config(root, THINGS, {"val": 3, "tune": 2}, "sweep_val", converted_reference)
     cfg.DATASETS.TEST = ("sweep_val",)
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.OUTPUT_DIR = str(root / "run")

@@ -19,7 +19,7 @@ from detectron2.modeling import build_model
 
 import detr_d2  # noqa: F401
 from detr_d2.data.shapes import generate_dataset
-from tests.helpers import REPO, config_for_fixture, convert_with_cli, fixture_dir
+from tests.helpers import REPO, config_for_fixture, fixture_dir
 
 CLASSES = ["circle", "rectangle", "triangle", "star"]  # the fixture model has 4 classes
 IMAGE_SIZE = 128
@@ -36,14 +36,12 @@ def run_tool(tool, *args, timeout=240):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, converted_reference):
     """{"config": config file, "cfg": its CfgNode (NUM_CLASSES set), "root": data folder,
     "jsons": {split: COCO json}, "val_images": paths}."""
     fixture = fixture_dir("detr_upstream_tiny")
     root = tmp_path_factory.mktemp("tools")
-    weights = root / "tiny.pth"
-    converted = convert_with_cli(fixture / "checkpoint.pth", weights)
-    assert converted.returncode == 0, converted.stderr
+    weights, _ = converted_reference("detr_upstream_tiny")
     jsons = generate_dataset(root / "shapes", CLASSES, {"train": 3, "val": 4},
                              image_size=IMAGE_SIZE, min_size=30, seed=5)
     cfg = config_for_fixture(fixture)
