@@ -11,6 +11,9 @@ STAMP := $(VENV)/.detr_d2-installed
 PIP_NET := --timeout 30 --retries 1
 TORCH := torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# pytest-xdist workers of make test / make test-quick, one torch thread each (0: one process)
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 
 PRETRAIN_DATA := datasets/shapes_pretrain
 PRETRAIN_RUN := output/shapes_detr_pretrain_single_stage
@@ -20,7 +23,7 @@ DINO_PRETRAIN_CONFIG := configs/shapes/dino_tiny_pretrain_bundle.yaml
 DINO_PRETRAIN_RUN := output/shapes_dino_pretrain_bundle
 DINO_BUNDLED := checkpoints/shapes_dino_tiny.pth
 
-.PHONY: install test demo demo-masks demo-panoptic demo-dino pretrain pretrain-dino clean-venv
+.PHONY: install test test-quick demo demo-masks demo-panoptic demo-dino pretrain pretrain-dino clean-venv
 
 install: $(STAMP)
 
@@ -41,8 +44,13 @@ $(STAMP): setup.py scripts/install_detectron2.py Makefile
 	@$(PY) -c "import detr_d2, detectron2; print('[install] detr_d2 ready; detectron2', detectron2.__version__, 'from', detectron2.__path__[0])"
 	@touch $(STAMP)
 
+# The whole suite (CI's .ci/run); test-quick leaves out the tests marked slow (trainings,
+# end-to-end runs, command-line tools in subprocesses; tests/tiers.py, docs/testing.md).
 test: install
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(PYTEST_PARALLEL) $(PYTEST_ARGS)
+
+test-quick: install
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 # The embedded demo: fine-tune the bundled checkpoint on a new 2-class set, evaluate, draw.
 demo: install

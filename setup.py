@@ -27,8 +27,9 @@ setup(
     ],
     extras_require={
         # transformers/timm: the conversion tests build Hugging Face DETR models to compare with;
-        # safetensors: tools/convert_detr_checkpoint.py reads/writes transformers' model.safetensors
-        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "timm>=0.9", "safetensors>=0.4"],
+        # safetensors: tools/convert_detr_checkpoint.py reads/writes transformers' model.safetensors;
+        # pytest-xdist: the parallel workers of make test and make test-quick
+        "test": ["pytest", "pytest-timeout", "pytest-xdist>=3.5", "transformers>=4.40", "timm>=0.9", "safetensors>=0.4"],
         "convert": ["safetensors>=0.4"],
         # tools/export_model.py (dynamo ONNX exporter: onnxscript), tools/predict_onnx.py
         "export": ["onnx>=1.23", "onnxruntime>=1.31", "onnxscript"],
