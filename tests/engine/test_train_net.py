@@ -169,11 +169,6 @@ def test_unregistered_dataset_name_is_reported_with_close_names(datasets_root, t
     assert_clear_error(result, "coco_2017_trian", "coco_2017_train", "DATASETS.REGISTER_COCO")
 
 
-def test_unknown_config_key_is_reported_with_the_closest_key(datasets_root, tmp_path):
-    result = train_tiny(datasets_root, tmp_path, "MODEL.DETR.NUM_QUERIES", 5)
-    assert_clear_error(result, "MODEL.DETR.NUM_QUERIES", "MODEL.DETR.NUM_OBJECT_QUERIES")
-
-
 @pytest.fixture
 def broken_datasets_root(datasets_root, tmp_path):
     """A copy of the data whose coco_2017_train misses an image and whose val json is cut."""
