@@ -13,7 +13,16 @@ import warnings
 
 import onnx
 import torch
-from onnx_ir.passes.common import CommonSubexpressionEliminationPass
+from onnx_ir.passes import Sequential
+from onnx_ir.passes.common import (
+    CommonSubexpressionEliminationPass,
+    DeduplicateInitializersPass,
+    LiftConstantsToInitializersPass,
+    NameFixPass,
+    OutputFixPass,
+    RemoveUnusedNodesPass,
+)
+from onnxscript.optimizer import fold_constants
 from torch.export import Dim
 
 from detr_d2.errors import SetupError
@@ -74,13 +83,17 @@ def _check_dynamic_axes(path):
 
 
 def _optimize(program):
-    """onnxscript's graph optimisation of the exported ``program``, identical subexpressions
-    merged first: its Clip(Clip(x)) fusion names the new bounds after x, so two identical
-    chains on one tensor (``inverse_sigmoid`` of the same boxes in the decoder and in the
-    heads) would get one name and leave the other Clip reading a missing input (onnxscript
-    0.7; onnxruntime refuses such a file)."""
-    CommonSubexpressionEliminationPass()(program.model)
-    program.optimize()
+    """The exported ``program``'s graph optimised as the exporter's default (onnxscript's
+    ``optimize``) does, but without its pattern rewrites: constants folded, unused nodes
+    removed, constants lifted to initializers, duplicates merged. onnxruntime does its own
+    fusions when it loads the file. The rewrites of onnxscript 0.7 name the initializers
+    they create after the rewritten tensor, so two rewrites of one tensor share a name and
+    leave a node reading a missing input, which onnxruntime refuses (``inverse_sigmoid``:
+    ``Max``/``Min`` -> ``Clip``, then ``Clip(Clip(x))`` -> ``Clip``)."""
+    fold_constants(program.model)
+    Sequential(RemoveUnusedNodesPass(), LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+               DeduplicateInitializersPass(), CommonSubexpressionEliminationPass(), RemoveUnusedNodesPass(),
+               OutputFixPass(), NameFixPass())(program.model)
 
 
 def export_onnx(adapter, images, image_sizes, path):
