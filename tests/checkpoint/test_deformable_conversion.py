@@ -36,16 +36,9 @@ def converted_config(output, *opts):
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """{fixture: (OUT.pth path, converter stdout)}, each fixture converted once."""
-    folder = tmp_path_factory.mktemp("deformable")
-    results = {}
-    for name in (TINY, TWO_STAGE):
-        output = folder / f"{name}.pth"
-        result = convert_with_cli(fixture_dir(name) / "checkpoint.pth", output)
-        assert result.returncode == 0, result.stderr
-        results[name] = (output, result.stdout)
-    return results
+def converted(converted_reference):
+    """{fixture: (OUT.pth path, converter stdout)}, each fixture converted once per session."""
+    return {name: (converted_reference(name)[0], converted_reference(name)[1].stdout) for name in (TINY, TWO_STAGE)}
 
 
 def shapes(state_dict):

@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 from detr_d2.checkpoint.convert import COCO_CATEGORY_IDS
 from detr_d2.engine import build_config
 from detr_d2.utils.predictor import build_inference_model
-from tests.helpers import chw_images, convert_with_cli, fixture_dir
+from tests.helpers import chw_images, fixture_dir
 
 TINY = "deformable_upstream_tiny"
 TWO_STAGE = "deformable_upstream_two_stage_coco"
@@ -26,15 +26,14 @@ BOX_TOLERANCE = 1e-4  # of the image side
 LOSS_TOLERANCE = 1e-5
 
 
-def converted_deformable_fixture(name, folder, *converter_args):
+def converted_deformable_fixture(converted_reference, name, *converter_args):
     """(config, model in eval mode, inputs, expected, converter output) of a fixture
-    converted by tools/convert_detr_checkpoint.py into ``folder``: the config is the OUT.yaml
-    it wrote, built by detr_d2's config building as the tools build it (on the CPU), the
-    model built and OUT.pth loaded as the tools do (fast paths as configured)."""
+    converted by tools/convert_detr_checkpoint.py (conftest.py's ``converted_reference``):
+    the config is the OUT.yaml it wrote, built by detr_d2's config building as the tools
+    build it (on the CPU), the model built and OUT.pth loaded as the tools do (fast paths as
+    configured)."""
     path = fixture_dir(name)
-    output = folder / f"{name}.pth"
-    result = convert_with_cli(path / "checkpoint.pth", output, *converter_args)
-    assert result.returncode == 0, result.stderr
+    output, result = converted_reference(name, *converter_args)
     cfg = build_config(str(output.with_suffix(".yaml")), ["MODEL.DEVICE", "cpu"], all_datasets_registered=False)
     model = build_inference_model(cfg)
     inputs = torch.load(path / "inputs.pt", weights_only=True)
@@ -43,19 +42,18 @@ def converted_deformable_fixture(name, folder, *converter_args):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return converted_deformable_fixture(TINY, tmp_path_factory.mktemp("tiny"), *REFERENCE_OPTS)
+def tiny(converted_reference):
+    return converted_deformable_fixture(converted_reference, TINY, *REFERENCE_OPTS)
 
 
 @pytest.fixture(scope="module")
-def two_stage_91(tmp_path_factory):
-    return converted_deformable_fixture(TWO_STAGE, tmp_path_factory.mktemp("two_stage_91"), "--keep-classes",
-                                        *TWO_STAGE_OPTS)
+def two_stage_91(converted_reference):
+    return converted_deformable_fixture(converted_reference, TWO_STAGE, "--keep-classes", *TWO_STAGE_OPTS)
 
 
 @pytest.fixture(scope="module")
-def two_stage_80(tmp_path_factory):
-    return converted_deformable_fixture(TWO_STAGE, tmp_path_factory.mktemp("two_stage_80"), *TWO_STAGE_OPTS)
+def two_stage_80(converted_reference):
+    return converted_deformable_fixture(converted_reference, TWO_STAGE, *TWO_STAGE_OPTS)
 
 
 @pytest.fixture(params=["tiny", "two_stage_91"])
