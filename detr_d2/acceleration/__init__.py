@@ -14,6 +14,11 @@ every parameter, buffer and name (state dicts and checkpoints are unchanged):
   ``FastMaskMultiheadAttention``: in CPU training, dropout masks from 16-bit slices of
   random words (``fast_dropout``; drop probability quantised to 1/65536, another random
   stream than torch's).
+* every ``MultiScaleDeformableAttention`` (DeformableDetr, Dino) becomes a
+  ``FastMultiScaleDeformableAttention``: at CPU inference the bilinear samples of all levels
+  and points are read by one weighted gather with the attention weights folded into the
+  corner weights (``fast_deformable_attention``), instead of one ``grid_sample`` per level
+  and a stack of the samples.
 
 Under CPU autocast to bfloat16 (SOLVER.AMP / TEST.AMP, ``detr_d2.engine.precision``) the
 prepacked ResNet convolutions compute in bfloat16 (weights folded in float32, rounded once)
@@ -27,11 +32,13 @@ export; MODEL.DETR.FAST_PATHS decides at build time (``detr_d2.engine.build_mode
 from torch import nn
 
 from detr_d2.acceleration.fast_backbone import FastMaskedBackbone
+from detr_d2.acceleration.fast_deformable_attention import FastMultiScaleDeformableAttention
 from detr_d2.acceleration.fast_dropout import FastMaskDropout
 from detr_d2.acceleration.fast_mask_attention import FastMaskMultiheadAttention
 from detr_d2.acceleration.folded_norm import FrozenNormConv2d, fold_frozen_batchnorm, folds_every_norm
 from detr_d2.acceleration.prepacked_resnet import supports_prepacked_forward
 from detr_d2.modeling.backbone import MaskedBackbone
+from detr_d2.modeling.multi_scale.deformable_attention import MultiScaleDeformableAttention
 
 __all__ = ["accelerate", "fast_paths_enabled", "set_fast_paths"]
 
@@ -41,6 +48,7 @@ _STATELESS_SWAPS = {
     nn.Dropout: FastMaskDropout,
     nn.MultiheadAttention: FastMaskMultiheadAttention,
     MaskedBackbone: FastMaskedBackbone,
+    MultiScaleDeformableAttention: FastMultiScaleDeformableAttention,
 }
 
 
@@ -67,6 +75,8 @@ def set_fast_paths(model, enabled):
             module.fold_norm = enabled
         elif isinstance(module, (FastMaskDropout, FastMaskMultiheadAttention)):
             module.fast_masks = enabled
+        elif isinstance(module, FastMultiScaleDeformableAttention):
+            module.fast_sampling = enabled
         elif isinstance(module, FastMaskedBackbone):
             module.channels_last = enabled and folds_every_norm(module.body)
             module.prepacked = enabled and supports_prepacked_forward(module.body)
