@@ -45,6 +45,20 @@ def test_eval_outputs_equal_the_plain_path(benchmark, capsys):
     assert score <= 1e-5 and box <= 1e-5
 
 
+def test_deformable_detr_runs_both_tasks_and_its_fast_paths_give_the_plain_outputs(benchmark, capsys):
+    """A DeformableDetr config (sigmoid top-k outputs, deformable attention, multi-level
+    backbone): eval's fast and plain outputs agree, training times its iterations."""
+    deformable = ["--config-file", str(REPO / "configs" / "tests" / "tiny_deformable.yaml"), "--iters", "1",
+                  "--warmup", "0", "--input-size", "64x80", "--compare-plain", "--precision", "float32"]
+    assert benchmark.main([*deformable, "--task", "eval"]) == 0
+    output = capsys.readouterr().out
+    assert set(medians(output)) == {"fast", "plain"}
+    score, box = map(float, re.search(r"score ([0-9.e+-]+), box / image side ([0-9.e+-]+)", output).groups())
+    assert score <= 1e-5 and box <= 1e-5
+    assert benchmark.main([*deformable, "--task", "train"]) == 0
+    assert set(medians(capsys.readouterr().out)) == {"fast", "plain"}
+
+
 def test_compare_plain_is_refused_for_data(benchmark, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main([*COMMON, "--task", "data", "--compare-plain"])
