@@ -27,7 +27,8 @@ them at every call; everything else is autocast's own choice.
 
 Outputs equal the plain model's up to float rounding (except training's dropout masks).
 ``set_fast_paths(model, False)`` switches all of it off again for one model, e.g. for
-export; MODEL.DETR.FAST_PATHS decides at build time (``detr_d2.engine.build_model``).
+export; MODEL.DETR.FAST_PATHS decides at build time (detectron2's ``build_model``, see
+``detr_d2.meta_architectures``).
 """
 from torch import nn
 
