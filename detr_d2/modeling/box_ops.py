@@ -3,7 +3,9 @@
 DETR predicts and matches boxes as (cx, cy, w, h) normalised by the unpadded image size;
 detectron2 stores them as (x0, y0, x1, y1) in absolute pixels. Generic operations
 (format conversion, generalized IoU) come from ``torchvision.ops``; DINO's generalized IoU
-with its epsilons is ``generalized_box_iou(..., eps)``.
+with its epsilons is ``generalized_box_iou(..., eps)``; losses take the generalized IoU of
+matched pairs only (``paired_generalized_box_iou``: the diagonal of the pairwise matrix,
+without the matrix).
 """
 import torch
 from torchvision.ops import box_area, box_convert
@@ -41,4 +43,16 @@ def generalized_box_iou(boxes1, boxes2, eps=0.0):
     union = area1[:, None] + area2 - intersection
     outer = (torch.max(boxes1[:, None, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, None, :2], boxes2[:, :2])).clamp(min=0)
     enclosing = outer[..., 0] * outer[..., 1]
+    return intersection / (union + eps) - (enclosing - union) / (enclosing + eps)
+
+
+def paired_generalized_box_iou(boxes1, boxes2, eps=0.0):
+    """Generalized IoU of each pair of xyxy boxes [N, 4] and [N, 4] -> [N]: the diagonal of
+    ``generalized_box_iou(boxes1, boxes2, eps)``, computed by the same arithmetic per pair."""
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    inner = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    intersection = inner[:, 0] * inner[:, 1]
+    union = area1 + area2 - intersection
+    outer = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    enclosing = outer[:, 0] * outer[:, 1]
     return intersection / (union + eps) - (enclosing - union) / (enclosing + eps)

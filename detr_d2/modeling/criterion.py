@@ -14,7 +14,7 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert
 
-from detr_d2.modeling.box_ops import generalized_box_iou
+from detr_d2.modeling.box_ops import paired_generalized_box_iou
 from detr_d2.modeling.float32 import float32_island
 from detr_d2.modeling.matcher import HungarianMatcher
 
@@ -204,8 +204,8 @@ class SetCriterion(nn.Module):
         matched_pred = predictions.boxes[_matched_positions(indices)]
         matched_target = _matched_targets(targets, indices, "boxes")
         loss_bbox = F.l1_loss(matched_pred, matched_target, reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_convert(matched_pred, "cxcywh", "xyxy"),
-                                              box_convert(matched_target, "cxcywh", "xyxy"), self.giou_epsilon))
+        giou = paired_generalized_box_iou(box_convert(matched_pred, "cxcywh", "xyxy"),
+                                          box_convert(matched_target, "cxcywh", "xyxy"), self.giou_epsilon)
         return {"loss_bbox": loss_bbox, "loss_giou": (1 - giou).sum() / num_boxes}
 
     @staticmethod

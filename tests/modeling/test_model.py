@@ -5,7 +5,8 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from detr_d2.modeling import DeformableDetr
-from detr_d2.modeling.box_ops import absolute_xyxy_to_normalized_cxcywh, normalized_cxcywh_to_absolute_xyxy
+from detr_d2.modeling.box_ops import (absolute_xyxy_to_normalized_cxcywh, generalized_box_iou,
+                                     normalized_cxcywh_to_absolute_xyxy, paired_generalized_box_iou)
 from tests.helpers import REPO, batch_with_masks, config, merged_config, parameter_counts, small_config, training_input
 
 
@@ -155,6 +156,24 @@ def test_box_conversions_round_trip():
     normalized = absolute_xyxy_to_normalized_cxcywh(xyxy, height=100, width=200)
     torch.testing.assert_close(normalized, torch.tensor([[0.15, 0.3, 0.2, 0.2], [0.5, 0.5, 1.0, 1.0]]))
     torch.testing.assert_close(normalized_cxcywh_to_absolute_xyxy(normalized, 100, 200), xyxy)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_paired_generalized_iou_is_the_pairwise_diagonal_with_its_gradients(eps):
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(40, 2, 2, generator=generator).sort(dim=1).values
+    boxes = corners.transpose(1, 2).flatten(1)[:, [0, 2, 1, 3]]
+    first, second = boxes[:20].clone().requires_grad_(), boxes[20:].clone().requires_grad_()
+    second.data[:3] = first.data[:3]
+    second.data[3] = torch.tensor([2.0, 2.0, 3.0, 3.0])
+    paired = paired_generalized_box_iou(first, second, eps)
+    diagonal = torch.diag(generalized_box_iou(first, second, eps))
+    torch.testing.assert_close(paired, diagonal, rtol=0, atol=1e-7)
+    assert paired[:3].allclose(torch.ones(3), atol=1e-4) and paired[3] < -0.5
+    paired_gradients = torch.autograd.grad(paired.sum(), (first, second))
+    diagonal_gradients = torch.autograd.grad(diagonal.sum(), (first, second))
+    for paired_gradient, diagonal_gradient in zip(paired_gradients, diagonal_gradients):
+        torch.testing.assert_close(paired_gradient, diagonal_gradient, rtol=0, atol=1e-6)
 
 
 SHIPPED_CONFIGS = sorted(str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml"))
