@@ -19,8 +19,8 @@ PRETRAIN_DATA := datasets/shapes_pretrain
 PRETRAIN_RUN := output/shapes_detr_pretrain_single_stage
 BUNDLED := checkpoints/shapes_detr_tiny.pth
 BACKBONE := output/shapes_backbone/backbone.pth
-DINO_PRETRAIN_CONFIG := configs/shapes/dino_tiny_pretrain_bundle.yaml
-DINO_PRETRAIN_RUN := output/shapes_dino_pretrain_bundle
+DINO_PRETRAIN_CONFIG := configs/shapes/dino_tiny_pretrain.yaml
+DINO_PRETRAIN_RUN := output/shapes_dino_pretrain
 DINO_BUNDLED := checkpoints/shapes_dino_tiny.pth
 
 .PHONY: install test test-quick demo demo-masks demo-panoptic demo-dino pretrain pretrain-dino clean-venv
@@ -85,7 +85,7 @@ demo-dino: install
 # Rebuild $(DINO_BUNDLED): the 6-class pretraining shapes and the tiny CNN backbone as
 # `make pretrain` makes them (the backbone is kept when $(BACKBONE) exists), then DINO on
 # top ($(DINO_PRETRAIN_CONFIG): backbone frozen), then the slim copy. Resumable: an
-# interrupted DINO run goes on from its last checkpoint (every 1000 iterations).
+# interrupted DINO run goes on from its last checkpoint (every 500 iterations).
 pretrain-dino: install
 	$(PY) datasets/prepare_shapes.py --preset pretrain --splits train:4000,val:200 --output $(PRETRAIN_DATA)
 	@test -f $(BACKBONE) || $(PY) tools/pretrain_backbone.py --dataset-dir $(PRETRAIN_DATA) --max-iter 2400 \
