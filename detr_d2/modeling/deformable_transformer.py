@@ -15,7 +15,8 @@ from detr_d2.modeling.multi_scale.decoder_layer import DeformableDecoderLayer
 from detr_d2.modeling.multi_scale.encoder import DeformableEncoder, flatten_levels
 from detr_d2.modeling.multi_scale.two_stage import box_sine_embedding, encoder_proposals
 
-__all__ = ["DeformableDecoder", "DeformableTransformer", "refined_boxes", "scaled_reference_points"]
+__all__ = ["DeformableDecoder", "DeformableTransformer", "refined_boxes", "scaled_reference_points",
+           "xavier_matrices"]
 
 
 def refined_boxes(delta, reference):
@@ -59,6 +60,18 @@ class DeformableDecoder(nn.Module):
         return torch.stack(hidden), references
 
 
+def xavier_matrices(transformer):
+    """Xavier-uniform initialisation of every matrix of a multi-scale transformer (with
+    ``encoder`` and ``decoder.layers``) except the deformable attention modules' own, in the
+    order the references draw them: the rest first, then each decoder layer's self-attention."""
+    for name, parameter in transformer.named_parameters():
+        if parameter.dim() > 1 and ".self_attn." not in name and ".cross_attn." not in name:
+            nn.init.xavier_uniform_(parameter)
+    for layer in transformer.decoder.layers:
+        nn.init.xavier_uniform_(layer.self_attn.in_proj_weight)
+        nn.init.xavier_uniform_(layer.self_attn.out_proj.weight)
+
+
 class DeformableTransformer(nn.Module):
     """forward(maps, masks, positions: per level [B, C, h, w] / [B, h, w] / [B, C, h, w];
     query_embed [Q, 2C] (learned queries: position, content) or None (two-stage);
@@ -91,12 +104,7 @@ class DeformableTransformer(nn.Module):
     def reset_parameters(self):
         """Xavier for matrices (the attention modules keep their own initialisation),
         normal level embeddings."""
-        for name, parameter in self.named_parameters():
-            if parameter.dim() > 1 and ".self_attn." not in name and ".cross_attn." not in name:
-                nn.init.xavier_uniform_(parameter)
-        for layer in self.decoder.layers:
-            nn.init.xavier_uniform_(layer.self_attn.in_proj_weight)
-            nn.init.xavier_uniform_(layer.self_attn.out_proj.weight)
+        xavier_matrices(self)
         if not self.two_stage:
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)

@@ -16,7 +16,7 @@ belong to the meta-architecture and are passed in.
 import torch
 from torch import nn
 
-from detr_d2.modeling.deformable_transformer import refined_boxes, scaled_reference_points
+from detr_d2.modeling.deformable_transformer import refined_boxes, scaled_reference_points, xavier_matrices
 from detr_d2.modeling.mlp import MLP
 from detr_d2.modeling.multi_scale.decoder_layer import DeformableDecoderLayer
 from detr_d2.modeling.multi_scale.encoder import DeformableEncoder, flatten_levels
@@ -89,12 +89,7 @@ class DinoTransformer(nn.Module):
     def reset_parameters(self):
         """Xavier for matrices (the attention modules keep their own initialisation), normal
         level and content embeddings."""
-        for name, parameter in self.named_parameters():
-            if parameter.dim() > 1 and ".self_attn." not in name and ".cross_attn." not in name:
-                nn.init.xavier_uniform_(parameter)
-        for layer in self.decoder.layers:
-            nn.init.xavier_uniform_(layer.self_attn.in_proj_weight)
-            nn.init.xavier_uniform_(layer.self_attn.out_proj.weight)
+        xavier_matrices(self)
         nn.init.normal_(self.level_embed)
         nn.init.normal_(self.tgt_embed.weight)
 
