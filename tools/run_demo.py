@@ -21,6 +21,9 @@ would type):
 5. A summary: the evaluations (AP / AP50, validation loss), where everything is, and the
    time of each step.
 
+``make demo-dino`` runs the same steps on the DINO twin: ``--config-file
+configs/shapes/dino_tiny_finetune_custom.yaml`` starts from ``checkpoints/shapes_dino_tiny.pth``.
+
 Extra ``KEY VALUE`` pairs go to train_net (e.g. ``SOLVER.MAX_ITER 500`` for a quick look).
 
 ``--masks`` (``make demo-masks``, after ``make demo``): the reference's second stage instead
@@ -34,6 +37,7 @@ import json
 import os
 import sys
 
+import yaml
 from detr_d2.utils.demo_steps import run_step
 from detr_d2.utils.tool_arguments import ToolArgumentParser, add_config_overrides
 
@@ -42,6 +46,7 @@ DEFAULT_CONFIG = "configs/shapes/detr_tiny_finetune_custom.yaml"
 CUSTOM_DATA = "datasets/shapes_custom"
 CUSTOM_SPLITS = "train:2000,val:200"
 MASKS_CONFIG = "configs/shapes/detr_tiny_masks_custom.yaml"
+MODEL_NAMES = {"Detr": "DETR", "GroupDetr": "Group DETR", "DeformableDetr": "Deformable DETR", "Dino": "DINO"}
 DRAW_SCALE = "4"  # the 128-px images drawn at 512 px: labels no longer cover the objects
 
 
@@ -88,12 +93,19 @@ def dataset_overrides(data_dir):
     return ["DATASETS.REGISTER_COCO", repr(register)]
 
 
+def model_name(run_dir):
+    """The family name of the model ``run_dir/config.yaml`` trains (MODEL.META_ARCHITECTURE)."""
+    with open(os.path.join(run_dir, "config.yaml")) as file:
+        meta_architecture = yaml.safe_load(file)["MODEL"]["META_ARCHITECTURE"]
+    return MODEL_NAMES.get(meta_architecture, meta_architecture)
+
+
 def summary(args, run_dir, pictures_dir, curves, evaluated, timings):
     """The closing lines: the evaluations (the last one's AP first), where the results are,
     time per step."""
     last = evaluated[-1]
-    lines = ["", "=" * 72, "[demo] DETR fine-tuned on the custom shapes (star, cross), "
-             "bundled checkpoint as the start",
+    lines = ["", "=" * 72, f"[demo] {model_name(os.path.join(REPO, run_dir))} fine-tuned on the custom shapes "
+             "(star, cross), bundled checkpoint as the start",
              f"[demo] bbox AP {last['bbox/AP']:.1f}  AP50 {last['bbox/AP50']:.1f}  "
              f"(COCOEvaluator, {args.data_dir} val split)",
              "[demo] evaluations during fine-tuning (validation split):",
