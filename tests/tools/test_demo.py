@@ -45,7 +45,7 @@ def test_run_demo_end_to_end_on_a_small_custom_set(tmp_path):
     assert "NUM_CLASSES: 2" in (run_dir / "config.yaml").read_text()
     assert len(list((output / "predictions").glob("*.png"))) == 2
     assert (output / "curves.png").stat().st_size > 0
-    assert "[demo] bbox AP" in result.stdout
+    assert "[demo] bbox AP" in result.stdout and "[demo] DETR fine-tuned" in result.stdout
 
     masks = run_demo(output, tmp_path / "data", "--masks")
     assert masks.returncode == 0, masks.stdout[-3000:] + masks.stderr[-3000:]
