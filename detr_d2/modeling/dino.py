@@ -56,6 +56,9 @@ class Dino(DeformableDetr):
         num_layers = len(transformer.decoder.layers)
         self.class_embed = _heads(self.initial_class_head(hidden_dim, num_classes), num_layers, not share_class_heads)
         self.bbox_embed = _heads(self.initial_box_head(hidden_dim, True), num_layers, not share_box_heads)
+        # The encoder's proposal heads start as copies of the decoder's initial heads, as the reference's do.
+        transformer.enc_out_class_embed.load_state_dict(self.class_embed[0].state_dict())
+        transformer.enc_out_bbox_embed.load_state_dict(self.bbox_embed[0].state_dict())
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 

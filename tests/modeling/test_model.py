@@ -196,3 +196,17 @@ def test_every_shipped_config_loads_and_builds_a_model(name):
         assert len(model.class_embed) >= cfg.MODEL.DETR.DEC_LAYERS
     else:
         assert model.class_embed.out_features == cfg.MODEL.DETR.NUM_CLASSES + 1
+
+
+def test_dino_proposal_heads_start_as_the_decoder_heads():
+    """As the reference's: the encoder's class head at the focal prior, its box head's last layer zero."""
+    model = build_model(config("dino_r50_4scale_12ep.yaml", "MODEL.RESNETS.DEPTH", "18",
+                               "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.DETR.NUM_CLASSES", "3",
+                               "MODEL.DETR.ENC_LAYERS", "1", "MODEL.DETR.DEC_LAYERS", "2"))
+    transformer = model.transformer
+    for encoder_head, decoder_head in ((transformer.enc_out_class_embed, model.class_embed[0]),
+                                       (transformer.enc_out_bbox_embed, model.bbox_embed[0])):
+        for name, value in encoder_head.state_dict().items():
+            assert torch.equal(value, decoder_head.state_dict()[name]), name
+    assert torch.allclose(transformer.enc_out_class_embed.bias, torch.full((3,), -4.59512), atol=1e-5)
+    assert not transformer.enc_out_bbox_embed.layers[-1].weight.any()
