@@ -87,11 +87,12 @@ class DinoTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Xavier for matrices (the attention modules keep their own initialisation), normal
-        level and content embeddings."""
+        """Xavier for matrices (the attention modules keep their own initialisation), the
+        content queries ``tgt_embed`` included, as the reference ends up with them (it draws
+        them normal, then its Xavier pass over every matrix redraws them); normal level
+        embeddings."""
         xavier_matrices(self)
         nn.init.normal_(self.level_embed)
-        nn.init.normal_(self.tgt_embed.weight)
 
     def select_queries(self, memory, levels):
         """Mixed query selection -> (anchors [B, Q, 4] inverse-sigmoid, detached; content

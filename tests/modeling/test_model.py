@@ -210,3 +210,14 @@ def test_dino_proposal_heads_start_as_the_decoder_heads():
             assert torch.equal(value, decoder_head.state_dict()[name]), name
     assert torch.allclose(transformer.enc_out_class_embed.bias, torch.full((3,), -4.59512), atol=1e-5)
     assert not transformer.enc_out_bbox_embed.layers[-1].weight.any()
+
+
+def test_dino_content_queries_start_xavier_uniform():
+    """The reference's content queries end its initialisation Xavier-uniform (bound
+    sqrt(6 / (queries + hidden))), not standard normal."""
+    model = build_model(config("dino_r50_4scale_12ep.yaml", "MODEL.RESNETS.DEPTH", "18",
+                               "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.DETR.NUM_CLASSES", "3",
+                               "MODEL.DETR.ENC_LAYERS", "1", "MODEL.DETR.DEC_LAYERS", "2"))
+    weight = model.transformer.tgt_embed.weight
+    bound = (6 / sum(weight.shape)) ** 0.5
+    assert weight.abs().max() <= bound and weight.abs().max() > 0.9 * bound
