@@ -18,6 +18,9 @@ EPYC (Zen 4, AVX-512; other float kernels) detr_d2 differs from the fixture by 4
 mask logits themselves reach 2.7-3.1 in magnitude). On an Intel Xeon (AMX), through the
 reference detectron2 wrapper's checkpoint, 5.19 % of the values were beyond 1e-4
 (2026-12-05). The test allows 1e-3 and requires fewer than 8 % of the values beyond 1e-4.
+The same magnified rounding reaches the losses: on an AMD EPYC (2026-12-06) the padded
+batch's class logits are within 8.0e-5 of the fixture's and its loss_ce (3.276) 1.17e-5
+off, so losses are compared within 1e-5 plus 1e-5 of their value.
 """
 import pytest
 import torch
@@ -30,6 +33,7 @@ SEGM = "detr_upstream_segm_tiny"
 MASK_LOGIT_TOLERANCE = 1e-3
 BEYOND_1E4_FRACTION = 0.08
 NEAR_THRESHOLD = 1e-4
+LOSS_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,7 @@ def mask_predictions(model, images):
 def assert_losses_close(ours, reference):
     assert set(ours) == set(reference)
     for key, value in reference.items():
-        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=key)
+        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=LOSS_RTOL, msg=key)
 
 
 def assert_mask_logits_close(ours, reference):
