@@ -95,6 +95,9 @@ def _add_dino_keys(cfg):
     cfg.MODEL.DINO.DN_NUMBER = 100
     cfg.MODEL.DINO.DN_LABEL_NOISE_RATIO = 0.5
     cfg.MODEL.DINO.DN_BOX_NOISE_SCALE = 0.4
+    # Label embeddings of the denoising queries: DN_LABELBOOK_SIZE + 1 rows (None: as many as
+    # classes); the reference's label book may be larger than its class count.
+    cfg.MODEL.DINO.DN_LABELBOOK_SIZE = None
     # One class / box head shared by every decoder layer (the reference's default) or one each.
     cfg.MODEL.DINO.SHARE_CLASS_HEADS = True
     cfg.MODEL.DINO.SHARE_BOX_HEADS = True

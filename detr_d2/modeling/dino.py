@@ -29,13 +29,16 @@ class Dino(DeformableDetr):
 
     Denoising hook: ``predict(images, denoising)`` takes given ``DenoisingQueries`` (e.g. the
     reference's noised queries, for exact tests); ``forward`` in training draws them with
-    ``make_denoising_queries``.
+    ``make_denoising_queries``. ``label_enc``: the denoising queries' label embeddings,
+    ``dn_labelbook_size`` + 1 rows (default: as many as classes); noised labels are drawn
+    among the ``num_classes`` classes, as the reference draws them.
     """
 
     @configurable
     def __init__(self, *, backbone, input_proj, position_embedding, transformer, criterion, num_classes,
                  pixel_mean, pixel_std, in_features=("res3", "res4", "res5"), share_class_heads=True,
-                 share_box_heads=True, topk=300, dn_number=100, dn_label_noise_ratio=0.5, dn_box_noise_scale=0.4):
+                 share_box_heads=True, topk=300, dn_number=100, dn_label_noise_ratio=0.5, dn_box_noise_scale=0.4,
+                 dn_labelbook_size=None):
         nn.Module.__init__(self)
         hidden_dim = transformer.d_model
         self.backbone = backbone
@@ -52,7 +55,11 @@ class Dino(DeformableDetr):
         self.dn_number = dn_number
         self.dn_label_noise_ratio = dn_label_noise_ratio
         self.dn_box_noise_scale = dn_box_noise_scale
-        self.label_enc = nn.Embedding(num_classes + 1, hidden_dim)
+        labelbook = num_classes if dn_labelbook_size is None else dn_labelbook_size
+        if labelbook < num_classes:
+            raise ValueError(f"MODEL.DINO.DN_LABELBOOK_SIZE {labelbook} is below the number of classes {num_classes}: "
+                             "every class needs its label embedding")
+        self.label_enc = nn.Embedding(labelbook + 1, hidden_dim)
         num_layers = len(transformer.decoder.layers)
         self.class_embed = _heads(self.initial_class_head(hidden_dim, num_classes), num_layers, not share_class_heads)
         self.bbox_embed = _heads(self.initial_box_head(hidden_dim, True), num_layers, not share_box_heads)
@@ -87,6 +94,7 @@ class Dino(DeformableDetr):
             "dn_number": dino.DN_NUMBER,
             "dn_label_noise_ratio": dino.DN_LABEL_NOISE_RATIO,
             "dn_box_noise_scale": dino.DN_BOX_NOISE_SCALE,
+            "dn_labelbook_size": dino.DN_LABELBOOK_SIZE,
         }
 
     def denoising_queries(self, targets, generator=None):

@@ -87,8 +87,9 @@ def _noised_boxes(boxes, negative, scale, generator):
 def make_denoising_queries(targets, label_embedding, num_queries, num_classes, dn_number=100,
                            label_noise_ratio=0.5, box_noise_scale=1.0, generator=None):
     """``DenoisingQueries`` for ``targets`` (per image {"labels": [n], "boxes": [n, 4]
-    cxcywh normalised}); ``label_embedding``: the nn.Embedding of the (noised) labels
-    (num_classes + 1 rows); noise drawn from ``generator`` (torch's default when None)."""
+    cxcywh normalised}); ``label_embedding``: the nn.Embedding of the (noised) labels (at
+    least ``num_classes`` rows; noised labels are drawn among ``num_classes``); noise drawn
+    from ``generator`` (torch's default when None)."""
     counts = [len(t["labels"]) for t in targets]
     largest = max(counts, default=0)
     groups = number_of_groups(dn_number, largest)
