@@ -6,21 +6,24 @@
     python tools/convert_detr_checkpoint.py --source WRAPPER_model_final.pth --output OUT.pth
     python tools/convert_detr_checkpoint.py --source detr-resnet-50/ --output detr_r50_hf.pth
     python tools/convert_detr_checkpoint.py --source r50_deformable_detr-checkpoint.pth --output deformable_r50.pth
+    python tools/convert_detr_checkpoint.py --source checkpoint0011_4scale.pth --output dino_r50.pth
     python tools/convert_detr_checkpoint.py --to transformers --source OUT.pth --config-file CFG \\
         --output my-detr/
 
 --source: a checkpoint of the reference DETR (facebookresearch/detr), of its detectron2
 wrapper (d2/: its converter's and its trainer's files), of the reference Deformable DETR
-(fundamentalvision/Deformable-DETR), of detr_d2, or a Hugging Face transformers
-DetrForObjectDetection / DetrForSegmentation (a folder with config.json and
-model.safetensors or pytorch_model.bin, or the weights file alone); the layout is detected
-from the keys. The output loads with ``MODEL.WEIGHTS OUT.pth`` into the model of the
+(fundamentalvision/Deformable-DETR), of the reference DINO (IDEA-Research/DINO), of
+detr_d2, or a Hugging Face transformers DetrForObjectDetection / DetrForSegmentation (a
+folder with config.json and model.safetensors or pytorch_model.bin, or the weights file
+alone); the layout is detected from the keys. The output loads with ``MODEL.WEIGHTS OUT.pth`` into the model of the
 matching config. From a transformers model the tool also writes that config (OUT.yaml,
 MODEL.WEIGHTS set) and the class names of its id2label (OUT.metadata.json, read by
 tools/demo.py and evaluation when no dataset names the classes); from a Deformable DETR
 OUT.yaml inherits configs/Base-DeformableDETR.yaml and sets what the tensors fix (sizes,
-levels, refinement, two-stage, classes); --opts KEY VALUE pairs are written into OUT.yaml
-too, for what they do not fix (e.g. MODEL.DETR.NUM_OBJECT_QUERIES of a two-stage model).
+levels, refinement, two-stage, classes), from a DINO configs/Base-DINO.yaml (sizes, levels,
+queries, classes, denoising label book, shared or per-layer heads); --opts KEY VALUE pairs
+are written into OUT.yaml too, for what they do not fix (e.g. MODEL.DETR.NUM_OBJECT_QUERIES
+of a two-stage Deformable DETR, MODEL.MULTI_SCALE.TOPK_DETECTIONS of a DINO).
 COCO heads of the reference models become detectron2's 80 classes unless --keep-classes.
 
 --to transformers writes config.json, model.safetensors and preprocessor_config.json of the
@@ -73,8 +76,8 @@ def build_parser():
     parser.add_argument("--drop-class-head", action="store_true",
                         help="leave the class head out, to fine-tune on other classes")
     parser.add_argument("--keep-classes", action="store_true",
-                        help="keep a COCO class head as it is (the reference's 91 outputs of Deformable DETR, 92 "
-                             "of DETR) instead of remapping it to detectron2's 80 classes")
+                        help="keep a COCO class head as it is (the reference's 91 outputs of Deformable DETR and "
+                             "DINO, 92 of DETR) instead of remapping it to detectron2's 80 classes")
     add_trust_pickle(parser, what="--source")
     add_config_overrides(parser, example="MODEL.DETR.NUM_OBJECT_QUERIES 300 (with --to transformers: "
                                          "overrides of --config-file; else written into OUT.yaml where the "

@@ -62,18 +62,18 @@ STAGES = ("res2", "res3", "res4", "res5")
 _ATTENTION = ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
 
 
-def _weight_and_bias(*modules):
+def weight_and_bias(*modules):
     return [f"{module}.{kind}" for module in modules for kind in ("weight", "bias")]
 
 
-ENCODER_LAYER_KEYS = _weight_and_bias(*(f"self_attn.{p}" for p in _ATTENTION), "norm1", "linear1", "linear2", "norm2")
-DECODER_LAYER_KEYS = (_weight_and_bias(*(f"cross_attn.{p}" for p in _ATTENTION), "norm1")
+ENCODER_LAYER_KEYS = weight_and_bias(*(f"self_attn.{p}" for p in _ATTENTION), "norm1", "linear1", "linear2", "norm2")
+DECODER_LAYER_KEYS = (weight_and_bias(*(f"cross_attn.{p}" for p in _ATTENTION), "norm1")
                       + ["self_attn.in_proj_weight", "self_attn.in_proj_bias"]
-                      + _weight_and_bias("self_attn.out_proj", "norm2", "linear1", "linear2", "norm3"))
-BOX_HEAD_KEYS = _weight_and_bias("layers.0", "layers.1", "layers.2")
-TWO_STAGE_KEYS = _weight_and_bias(*(f"transformer.{m}" for m in ("enc_output", "enc_output_norm", "pos_trans",
+                      + weight_and_bias("self_attn.out_proj", "norm2", "linear1", "linear2", "norm3"))
+BOX_HEAD_KEYS = weight_and_bias("layers.0", "layers.1", "layers.2")
+TWO_STAGE_KEYS = weight_and_bias(*(f"transformer.{m}" for m in ("enc_output", "enc_output_norm", "pos_trans",
                                                                    "pos_trans_norm")))
-LEARNED_QUERY_KEYS = ["query_embed.weight", *_weight_and_bias("transformer.reference_points")]
+LEARNED_QUERY_KEYS = ["query_embed.weight", *weight_and_bias("transformer.reference_points")]
 _INDEX = r"\d+"
 _KEY_PATTERN = re.compile("^(?:" + "|".join([
     r"transformer\.level_embed",
@@ -107,7 +107,7 @@ def deformable_key_to_detr_d2(key):
 
 
 # ---------------------------------------------------------------- structure
-def _count(state_dict, prefix):
+def count_indexed(state_dict, prefix):
     """1 + the largest N of the keys ``<prefix>N.*`` (0 if none)."""
     found = [int(m[1]) for key in state_dict if (m := re.match(re.escape(prefix) + r"(\d+)\.", key))]
     return max(found) + 1 if found else 0
@@ -124,13 +124,13 @@ def _expected_keys(state_dict):
     """Every non-backbone key of the reference model with this checkpoint's layer, level
     and head counts and flavour."""
     two_stage, _ = _flavour(state_dict)
-    encoder_layers = _count(state_dict, "transformer.encoder.layers.")
-    decoder_layers = _count(state_dict, "transformer.decoder.layers.")
+    encoder_layers = count_indexed(state_dict, "transformer.encoder.layers.")
+    decoder_layers = count_indexed(state_dict, "transformer.decoder.layers.")
     levels = state_dict["transformer.level_embed"].shape[0]
     keys = ["transformer.level_embed"]
     keys += [f"transformer.encoder.layers.{i}.{k}" for i in range(encoder_layers) for k in ENCODER_LAYER_KEYS]
     keys += [f"transformer.decoder.layers.{i}.{k}" for i in range(decoder_layers) for k in DECODER_LAYER_KEYS]
-    keys += [f"input_proj.{i}.{k}" for i in range(levels) for k in _weight_and_bias("0", "1")]
+    keys += [f"input_proj.{i}.{k}" for i in range(levels) for k in weight_and_bias("0", "1")]
     heads = decoder_layers + (1 if two_stage else 0)
     keys += [f"class_embed.{i}.{k}" for i in range(heads) for k in ("weight", "bias")]
     keys += [f"bbox_embed.{i}.{k}" for i in range(heads) for k in BOX_HEAD_KEYS]
@@ -138,7 +138,7 @@ def _expected_keys(state_dict):
     return keys
 
 
-def _listed(keys, limit=3):
+def listed(keys, limit=3):
     keys = sorted(keys)
     return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -149,29 +149,29 @@ def check_structure(state_dict, source):
     differing shapes."""
     unknown = [key for key in state_dict if deformable_key_to_detr_d2(key) is None]
     if unknown:
-        raise ConversionError(f"{source}: keys the reference Deformable DETR does not have: {_listed(unknown)}")
+        raise ConversionError(f"{source}: keys the reference Deformable DETR does not have: {listed(unknown)}")
     for stack in ("encoder", "decoder"):
-        if not _count(state_dict, f"transformer.{stack}.layers."):
+        if not count_indexed(state_dict, f"transformer.{stack}.layers."):
             raise ConversionError(f"{source}: a Deformable DETR checkpoint without transformer.{stack}.layers.*: "
                                   "the file is truncated or not a reference Deformable DETR checkpoint")
     expected = _expected_keys(state_dict)
     present = {key for key in state_dict if not key.startswith((BACKBONE_PREFIX, *HEAD_ALIAS_PREFIXES))}
     missing = [key for key in expected if key not in state_dict]
     if missing:
-        raise ConversionError(f"{source}: a Deformable DETR checkpoint without {_listed(missing)}: the file is "
+        raise ConversionError(f"{source}: a Deformable DETR checkpoint without {listed(missing)}: the file is "
                               "truncated or not a reference Deformable DETR checkpoint")
     extra = present - set(expected)
     if extra:
         raise ConversionError(f"{source}: keys beyond the layers, levels and heads the checkpoint's other keys "
                               f"make up ({'two-stage' if _flavour(state_dict)[0] else 'learned queries'}, "
                               f"{state_dict['transformer.level_embed'].shape[0]} levels from "
-                              f"transformer.level_embed): {_listed(extra)}")
+                              f"transformer.level_embed): {listed(extra)}")
     for pattern in (r"transformer\.encoder\.layers\.\d+\.", r"transformer\.decoder\.layers\.\d+\.",
                     r"class_embed\.\d+\.", r"bbox_embed\.\d+\."):
-        _check_alike(state_dict, pattern, source)
+        check_alike(state_dict, pattern, source)
 
 
-def _check_alike(state_dict, pattern, source):
+def check_alike(state_dict, pattern, source):
     """Every ``pattern``-numbered copy (layer or head) has the shapes of copy 0."""
     first = {}
     for key in sorted(state_dict):
@@ -200,7 +200,7 @@ def _check_shared_heads(state_dict, heads, source):
 
 # ---------------------------------------------------------------- conversion
 def _head_count(state_dict):
-    return _count(state_dict, "class_embed.")
+    return count_indexed(state_dict, "class_embed.")
 
 
 def _class_head_note(converted, state_dict, source, drop_class_head, keep_classes):
@@ -244,38 +244,53 @@ def deformable_to_detr_d2(state_dict, source, drop_class_head=False, keep_classe
     heads = _head_count(state_dict)
     if not refine:
         _check_shared_heads(state_dict, heads, source)
-    converted = {}
-    for key, value in state_dict.items():
-        renamed = deformable_key_to_detr_d2(key)
-        if renamed:
-            converted[renamed] = value
-    try:
-        spec = resnet_spec(converted)
-    except ConversionError as error:
-        raise ConversionError(f"{source}: {error} (keys {BACKBONE_PREFIX}*)") from None
-    in_features, extra_levels = _levels(state_dict, source)
-    _check_projection_inputs(state_dict, in_features, spec, source)
+    converted = renamed_tensors(state_dict, deformable_key_to_detr_d2)
+    description = backbone_description(state_dict, converted, source)
     flavour = ", ".join(["two-stage"] * two_stage + ["iterative box refinement"] * refine) or "plain"
-    notes = [f"Deformable DETR ({flavour}), {len(in_features) + extra_levels} levels ({', '.join(in_features)}"
-             f"{f' + {extra_levels} extra' if extra_levels else ''}), ResNet-{spec['depth']} backbone",
+    notes = [f"Deformable DETR ({flavour}), {description}",
              _class_head_note(converted, state_dict, source, drop_class_head, keep_classes)]
     return converted, notes
 
 
+def renamed_tensors(state_dict, rename):
+    """{rename(key): tensor} of every key ``rename`` gives a name (not "" or None)."""
+    return {renamed: value for key, value in state_dict.items() if (renamed := rename(key))}
+
+
+def backbone_description(state_dict, converted, source, read_levels=None):
+    """"N levels (res3, res4, res5 + 1 extra), ResNet-D backbone" of a reference checkpoint
+    and its ``converted`` tensors; ConversionError (naming ``source``) for a backbone that is
+    no ResNet or input projections that do not fit it (``read_levels``: see
+    ``backbone_levels``)."""
+    try:
+        spec = resnet_spec(converted)
+    except ConversionError as error:
+        raise ConversionError(f"{source}: {error} (keys {BACKBONE_PREFIX}*)") from None
+    in_features, extra_levels = backbone_levels(state_dict, source, read_levels)
+    check_projection_inputs(state_dict, in_features, spec, source)
+    return (f"{len(in_features) + extra_levels} levels ({', '.join(in_features)}"
+            f"{f' + {extra_levels} extra' if extra_levels else ''}), ResNet-{spec['depth']} backbone")
+
+
 # ---------------------------------------------------------------- config
-def _levels(state_dict, source):
+def backbone_levels(state_dict, source, read_levels=None):
     """(backbone level names fed to the neck, number of extra levels): the 1x1 input
-    projections read backbone levels, the 3x3 ones after them make the extra levels."""
+    projections read backbone levels, the 3x3 ones after them make the extra levels.
+    ``read_levels``: {number of 1x1 projections: the levels they read} (default
+    ``BACKBONE_LEVELS``, the reference Deformable DETR's)."""
+    read_levels = BACKBONE_LEVELS if read_levels is None else read_levels
     levels = state_dict["transformer.level_embed"].shape[0]
     kernels = [state_dict[f"input_proj.{i}.0.weight"].shape[-1] for i in range(levels)]
     from_backbone = kernels.count(1)
-    if from_backbone not in BACKBONE_LEVELS or kernels != [1] * from_backbone + [3] * (levels - from_backbone):
+    if from_backbone not in read_levels or kernels != [1] * from_backbone + [3] * (levels - from_backbone):
+        choices = " or ".join(names[0] if len(names) == 1 else f"{names[0]}-{names[-1]}"
+                              for names in read_levels.values())
         raise ConversionError(f"{source}: input_proj.*.0.weight kernel sizes {kernels}: the reference projects "
-                              "res5 alone or res3-res5 with 1x1 convolutions, then makes extra levels with 3x3 ones")
-    return BACKBONE_LEVELS[from_backbone], levels - from_backbone
+                              f"{choices} with 1x1 convolutions, then makes extra levels with 3x3 ones")
+    return read_levels[from_backbone], levels - from_backbone
 
 
-def _check_projection_inputs(state_dict, in_features, spec, source):
+def check_projection_inputs(state_dict, in_features, spec, source):
     """Each 1x1 input projection reads as many channels as its backbone level has."""
     for index, name in enumerate(in_features):
         key = f"input_proj.{index}.0.weight"
@@ -285,14 +300,14 @@ def _check_projection_inputs(state_dict, in_features, spec, source):
                                   f"ResNet-{spec['depth']}'s {name} has {channels}")
 
 
-def _training_arguments(args):
+def training_arguments(args):
     """The reference training script's "args" (argparse.Namespace, or a dict) as a dict."""
     if args is None:
         return {}
     return dict(args) if isinstance(args, dict) else dict(vars(args))
 
 
-def _heads_and_points(state_dict, levels, arguments, source):
+def heads_and_points(state_dict, levels, arguments, source):
     """(heads, encoder points, decoder points, assumed?) from the attention projections
     [H*L*P*2, C] / [H*L*P, C] and the training arguments' heads when present."""
     products = []
@@ -317,7 +332,7 @@ def _heads_and_points(state_dict, levels, arguments, source):
 
 
 # (MODEL.DETR / MODEL.MULTI_SCALE key, reference training argument) of what no tensor holds
-_ARGUMENT_KEYS = (("MODEL.DETR.DROPOUT", "dropout"), ("MODEL.DETR.CLASS_WEIGHT", "cls_loss_coef"),
+ARGUMENT_KEYS = (("MODEL.DETR.DROPOUT", "dropout"), ("MODEL.DETR.CLASS_WEIGHT", "cls_loss_coef"),
                   ("MODEL.DETR.L1_WEIGHT", "bbox_loss_coef"), ("MODEL.DETR.GIOU_WEIGHT", "giou_loss_coef"),
                   ("MODEL.DETR.COST_CLASS", "set_cost_class"), ("MODEL.DETR.COST_BBOX", "set_cost_bbox"),
                   ("MODEL.DETR.COST_GIOU", "set_cost_giou"), ("MODEL.MULTI_SCALE.FOCAL_ALPHA", "focal_alpha"))
@@ -328,11 +343,11 @@ def config_options(state_dict, converted, source, training_args=None):
     reference ``state_dict`` converted to ``converted`` (its class heads as converted), and
     notes saying what was assumed). ``training_args``: the "args" a training-script
     checkpoint stores (heads, two-stage queries, dilation, dropout, loss weights)."""
-    arguments = _training_arguments(training_args)
+    arguments = training_arguments(training_args)
     two_stage, refine = _flavour(state_dict)
-    in_features, extra_levels = _levels(state_dict, source)
+    in_features, extra_levels = backbone_levels(state_dict, source)
     levels = len(in_features) + extra_levels
-    heads, encoder_points, decoder_points, heads_assumed = _heads_and_points(state_dict, levels, arguments, source)
+    heads, encoder_points, decoder_points, heads_assumed = heads_and_points(state_dict, levels, arguments, source)
     spec = resnet_spec(converted)
     notes = []
     if heads_assumed:
@@ -356,8 +371,8 @@ def config_options(state_dict, converted, source, training_args=None):
         ("MODEL.RESNETS.RES5_DILATION", 2 if arguments.get("dilation") else 1),
         ("MODEL.DETR.HIDDEN_DIM", state_dict["transformer.level_embed"].shape[1]),
         ("MODEL.DETR.NHEADS", heads),
-        ("MODEL.DETR.ENC_LAYERS", _count(state_dict, "transformer.encoder.layers.")),
-        ("MODEL.DETR.DEC_LAYERS", _count(state_dict, "transformer.decoder.layers.")),
+        ("MODEL.DETR.ENC_LAYERS", count_indexed(state_dict, "transformer.encoder.layers.")),
+        ("MODEL.DETR.DEC_LAYERS", count_indexed(state_dict, "transformer.decoder.layers.")),
         ("MODEL.DETR.DIM_FEEDFORWARD", state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0]),
         ("MODEL.DETR.NUM_OBJECT_QUERIES", int(queries)),
     ]
@@ -371,5 +386,5 @@ def config_options(state_dict, converted, source, training_args=None):
         ("MODEL.MULTI_SCALE.WITH_BOX_REFINE", refine),
         ("MODEL.MULTI_SCALE.TWO_STAGE", two_stage),
     ]
-    options += [(key, arguments[name]) for key, name in _ARGUMENT_KEYS if name in arguments]
+    options += [(key, arguments[name]) for key, name in ARGUMENT_KEYS if name in arguments]
     return options, notes

@@ -8,9 +8,12 @@ Layouts read (``LAYOUTS``, tried in this order, each recognised by keys only it 
 * ``transformers``: Hugging Face transformers ``DetrForObjectDetection`` /
   ``DetrForSegmentation`` (``model.*``, ``class_labels_classifier``, ``bbox_predictor``):
   ``transformers_layout``;
+* ``dino``: the reference DINO (IDEA-Research/DINO; ``backbone.0.body.*`` with any of
+  ``label_enc``, ``transformer.tgt_embed``, ``transformer.enc_out_*_embed``,
+  ``transformer.decoder.ref_point_head``): ``dino_layout``, whose tensors also fix the
+  model's config (``LayoutReading.config``);
 * ``deformable``: the reference Deformable DETR (fundamentalvision/Deformable-DETR;
-  ``backbone.0.body.*`` with ``transformer.level_embed``): ``deformable_layout``, whose
-  tensors also fix the model's config (``LayoutReading.config``);
+  ``backbone.0.body.*`` with ``transformer.level_embed``): ``deformable_layout``, likewise;
 * ``reference``: the reference DETR itself (``backbone.0.body.*``; segmentation models
   ``detr.*``, ``bbox_attention.*``, ``mask_head.*``): ``convert``;
 * ``detr_d2``: this project's own names (``backbone.body.*``, ``transformer.*`` ...), used
@@ -26,10 +29,10 @@ overlap.
 from dataclasses import dataclass, field
 from typing import Callable
 
-from detr_d2.checkpoint import convert, deformable_layout, transformers_layout, wrapper_layout
+from detr_d2.checkpoint import convert, deformable_layout, dino_layout, transformers_layout, wrapper_layout
 from detr_d2.checkpoint.convert import CLASS_HEAD_KEYS, ConversionError
 
-__all__ = ["DEFORMABLE", "DETR_D2", "LAYOUTS", "LayoutError", "LayoutReading", "detect_layout", "read_layout"]
+__all__ = ["DEFORMABLE", "DETR_D2", "DINO", "LAYOUTS", "LayoutError", "LayoutReading", "detect_layout", "read_layout"]
 
 DETR_D2_PREFIXES = ("backbone.body.", "transformer.", "class_embed.", "bbox_embed.", "query_embed.", "input_proj.",
                     "position_embedding.", "mask_head.", "extra_query_embed.")
@@ -119,6 +122,10 @@ def _deformable_knows(key):
     return deformable_layout.deformable_key_to_detr_d2(key) is not None
 
 
+def _dino_knows(key):
+    return dino_layout.dino_key_to_detr_d2(key) is not None
+
+
 def _detr_d2_detects(state_dict):
     return any(key.startswith("backbone.body.") for key in state_dict)
 
@@ -134,11 +141,13 @@ TRANSFORMERS = Layout("transformers", "Hugging Face transformers DETR", transfor
 DEFORMABLE = Layout("deformable", "the reference Deformable DETR (fundamentalvision/Deformable-DETR)",
                     deformable_layout.is_deformable_layout, _deformable_knows, deformable_layout.deformable_to_detr_d2,
                     deformable_layout.config_options, deformable_layout.BASE_CONFIG)
+DINO = Layout("dino", "the reference DINO (IDEA-Research/DINO)", dino_layout.is_dino_layout, _dino_knows,
+              dino_layout.dino_to_detr_d2, dino_layout.config_options, dino_layout.BASE_CONFIG)
 REFERENCE = Layout("reference", "the reference DETR (facebookresearch/detr)", _reference_detects,
                    _reference_knows, _reference_convert)
 DETR_D2 = Layout("detr_d2", "detr_d2", _detr_d2_detects, _detr_d2_knows,
                  lambda state_dict, source, drop_class_head=False, keep_classes=False: (state_dict, []))
-LAYOUTS = (WRAPPER, TRANSFORMERS, DEFORMABLE, REFERENCE, DETR_D2)
+LAYOUTS = (WRAPPER, TRANSFORMERS, DINO, DEFORMABLE, REFERENCE, DETR_D2)
 
 
 def _without_module_prefix(state_dict):

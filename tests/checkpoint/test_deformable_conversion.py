@@ -171,9 +171,9 @@ def test_layers_of_differing_shapes_are_named():
 
 
 def test_keys_of_no_deformable_model_are_named():
-    state = dict(reference_state_dict(TINY), **{"transformer.tgt_embed.weight": torch.zeros(30, 64)})
+    state = dict(reference_state_dict(TINY), **{"transformer.decoder.query_scale.weight": torch.zeros(64, 64)})
     with pytest.raises(ConversionError, match=r"^odd\.pth: keys the reference Deformable DETR does not have: "
-                                              r"transformer\.tgt_embed\.weight$"):
+                                              r"transformer\.decoder\.query_scale\.weight$"):
         read_layout(state, "odd.pth")
 
 
