@@ -84,19 +84,11 @@ class DeformableDetr(Detr):
     def __init__(self, *, backbone, input_proj, position_embedding, transformer, criterion, num_classes,
                  num_queries, pixel_mean, pixel_std, in_features=("res3", "res4", "res5"), with_box_refine=False,
                  two_stage=False, topk=100):
-        nn.Module.__init__(self)
+        self.init_shared_parts(backbone, in_features, input_proj, position_embedding, transformer, criterion,
+                               num_classes, topk, pixel_mean, pixel_std)
         hidden_dim = transformer.d_model
-        self.backbone = backbone
-        self.in_features = tuple(in_features)
-        self.input_proj = input_proj
-        self.position_embedding = position_embedding
-        self.transformer = transformer
-        self.criterion = criterion
-        self.num_classes = num_classes
         self.with_box_refine = with_box_refine
         self.two_stage = two_stage
-        self.topk = topk
-        self.mask_head = None
         if not two_stage:
             self.query_embed = nn.Embedding(num_queries, hidden_dim * 2)
         num_decoder_layers = len(transformer.decoder.layers)
@@ -104,6 +96,22 @@ class DeformableDetr(Detr):
         self.class_embed = _heads(self.initial_class_head(hidden_dim, num_classes), num_heads, with_box_refine)
         self.bbox_embed = _heads(self.initial_box_head(hidden_dim, with_box_refine or two_stage), num_heads,
                                  with_box_refine)
+
+    def init_shared_parts(self, backbone, in_features, input_proj, position_embedding, transformer, criterion,
+                          num_classes, topk, pixel_mean, pixel_std):
+        """Module setup and the parts every multi-scale meta-architecture holds (``Dino`` too):
+        backbone levels ``in_features``, neck, position encoding, transformer, criterion,
+        classes, ``topk`` detections, pixel normalisation."""
+        nn.Module.__init__(self)
+        self.backbone = backbone
+        self.in_features = tuple(in_features)
+        self.input_proj = input_proj
+        self.position_embedding = position_embedding
+        self.transformer = transformer
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.topk = topk
+        self.mask_head = None
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 

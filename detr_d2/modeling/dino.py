@@ -39,17 +39,9 @@ class Dino(DeformableDetr):
                  pixel_mean, pixel_std, in_features=("res3", "res4", "res5"), share_class_heads=True,
                  share_box_heads=True, topk=300, dn_number=100, dn_label_noise_ratio=0.5, dn_box_noise_scale=0.4,
                  dn_labelbook_size=None):
-        nn.Module.__init__(self)
+        self.init_shared_parts(backbone, in_features, input_proj, position_embedding, transformer, criterion,
+                               num_classes, topk, pixel_mean, pixel_std)
         hidden_dim = transformer.d_model
-        self.backbone = backbone
-        self.in_features = tuple(in_features)
-        self.input_proj = input_proj
-        self.position_embedding = position_embedding
-        self.transformer = transformer
-        self.criterion = criterion
-        self.num_classes = num_classes
-        self.topk = topk
-        self.mask_head = None
         self.two_stage = True
         self.with_box_refine = True
         self.dn_number = dn_number
@@ -66,8 +58,6 @@ class Dino(DeformableDetr):
         # The encoder's proposal heads start as copies of the decoder's initial heads, as the reference's do.
         transformer.enc_out_class_embed.load_state_dict(self.class_embed[0].state_dict())
         transformer.enc_out_bbox_embed.load_state_dict(self.bbox_embed[0].state_dict())
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
 
     @classmethod
     def from_config(cls, cfg):
