@@ -1,10 +1,12 @@
-"""DeformableDetr through the command lines: tools/train_net.py (training with evaluation and
-validation losses, --eval-only, --resume) in real subprocesses, then the tools on the
-trained checkpoint (demo, slim_checkpoint, analyze_model, visualize_data, plot_logs).
+"""DeformableDetr and Dino through the command lines: tools/train_net.py (training with
+evaluation and validation losses, --eval-only, --resume) in real subprocesses, then, for
+DeformableDetr, the tools on the trained checkpoint (demo, slim_checkpoint, analyze_model,
+visualize_data, plot_logs).
 
-Model: configs/tests/tiny_deformable.yaml with iterative box refinement and two-stage
-queries, the most complete flavour. Data: conftest.py's two 128-px images per split,
-registered as custom COCO-json datasets (DATASETS.REGISTER_COCO), NUM_CLASSES from them.
+Models: configs/tests/tiny_deformable.yaml, DeformableDetr with iterative box refinement
+and two-stage queries (the most complete flavour), and Dino of the same sizes with 4
+denoising groups. Data: conftest.py's two 128-px images per split, registered as custom
+COCO-json datasets (DATASETS.REGISTER_COCO), NUM_CLASSES from them.
 """
 import json
 import shutil
@@ -27,6 +29,7 @@ from tests.helpers import (
 
 DEFORMABLE_CONFIG = REPO / "configs" / "tests" / "tiny_deformable.yaml"
 FLAVOUR = ["MODEL.MULTI_SCALE.WITH_BOX_REFINE", "True", "MODEL.MULTI_SCALE.TWO_STAGE", "True"]
+DINO = ["MODEL.META_ARCHITECTURE", "Dino", "MODEL.DINO.DN_NUMBER", "4"]
 TOPK, NUM_CLASSES, DRAW_SCALE = 20, 80, 2  # the data's json lists the 80 COCO categories
 TWO_STAGE_VALIDATION = ("val/loss", "val/loss_ce", "val/loss_ce_0", "val/loss_ce_enc", "val/loss_bbox_enc",
                         "val/loss_giou_enc", "val/loss_ce_enc_unscaled")
@@ -41,8 +44,10 @@ def custom_datasets(datasets_root):
             "DATASETS.TEST", "('custom_val',)"]
 
 
-def train_net(datasets_root, output_dir, *opts, args=()):
-    return [TOOLS / "train_net.py", "--config-file", DEFORMABLE_CONFIG, *args, *FLAVOUR,
+def train_net(datasets_root, output_dir, *opts, args=(), model=FLAVOUR):
+    """tools/train_net.py's arguments: the tiny multi-scale config, ``model``'s options
+    (DeformableDetr's FLAVOUR or DINO), the custom datasets, OUTPUT_DIR, ``opts``."""
+    return [TOOLS / "train_net.py", "--config-file", DEFORMABLE_CONFIG, *args, *model,
             *custom_datasets(datasets_root), "OUTPUT_DIR", output_dir, *map(str, opts)]
 
 
@@ -174,3 +179,85 @@ def test_data_drawing_and_curves_work_on_the_run(tool_runs):
     assert "validation curves: val/loss_ce" in runs["plot"].output
     assert Image.open(out / "curves.png").size[0] > 500
 
+
+# ---------------------------------------------------------------- Dino
+DINO_TRAINED = ("loss_ce", "loss_bbox", "loss_giou", "loss_ce_0")
+DINO_EXTRA = ("_interm", "_dn", "_dn_0")  # proposals, denoising queries of the last and first layer
+
+
+@pytest.fixture(scope="module")
+def dino_trained(datasets_root, tmp_path_factory):
+    """OUTPUT_DIR of 4 Dino training iterations, a checkpoint after iteration index 1,
+    evaluated (with validation losses) at index 1 and at the end."""
+    output_dir = tmp_path_factory.mktemp("dino")
+    run = run_one(train_net(datasets_root, output_dir, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
+                            "TEST.EVAL_PERIOD", 2, "TEST.EVAL_LOSSES", "True", model=DINO), datasets_root)
+    assert_succeeded(run)
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def dino_runs(dino_trained, datasets_root, tmp_path_factory):
+    """Two runs on the trained Dino, started together: --eval-only of its model_final.pth
+    (with validation losses) and --resume from its checkpoint after iteration index 1 alone
+    in a fresh OUTPUT_DIR (what an interrupted run leaves). ({name: folder}, {name: Run})."""
+    folders = {name: tmp_path_factory.mktemp(f"dino_{name}") for name in ("eval", "resumed")}
+    shutil.copy(dino_trained / "model_0000001.pth", folders["resumed"])
+    (folders["resumed"] / "last_checkpoint").write_text("model_0000001.pth")
+    commands = {
+        "eval": train_net(datasets_root, folders["eval"], "MODEL.WEIGHTS", dino_trained / "model_final.pth",
+                          "TEST.EVAL_LOSSES", "True", args=["--eval-only"], model=DINO),
+        "resumed": train_net(datasets_root, folders["resumed"], "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
+                             "DATASETS.TEST", "()", args=["--resume"], model=DINO),
+    }
+    return folders, dict(zip(commands, run_concurrently(list(commands.values()), datasets_root)))
+
+
+@pytest.mark.slow
+def test_dino_training_logs_the_denoising_and_proposal_losses_and_bbox_ap(dino_trained):
+    rows = read_metrics(dino_trained)
+    training = [row for row in rows if "total_loss" in row]
+    expected = {name + suffix for name in DINO_TRAINED[:3] for suffix in DINO_EXTRA} | set(DINO_TRAINED)
+    assert expected <= set(training[-1]), sorted(training[-1])
+    assert all(value == value and value >= 0 for value in (training[-1][name] for name in expected))
+    evaluations = [row for row in rows if "bbox/AP" in row]
+    assert [row["iteration"] for row in evaluations] == [1, 4]  # periodic, then final
+    validation = ({"val/loss"} | {f"val/{name}" for name in DINO_TRAINED}
+                  | {f"val/{name}_interm" for name in DINO_TRAINED[:3]})
+    for row in evaluations:
+        assert validation <= set(row), sorted(row)
+        assert all(row[key] == row[key] and row[key] >= 0 for key in validation)  # finite, no NaN
+        assert not [key for key in row if "_dn" in key]  # denoising queries exist in training only
+    state = torch.load(dino_trained / "model_final.pth", weights_only=True)["model"]
+    assert state["label_enc.weight"].shape == (NUM_CLASSES + 1, 64)  # denoising label embedding
+    for head in ("class_embed.{}.weight", "bbox_embed.{}.layers.2.weight"):  # one head shared by the 2 layers
+        assert torch.equal(state[head.format(0)], state[head.format(1)])
+
+
+@pytest.mark.slow
+def test_dino_eval_only_prints_the_bbox_ap_of_training(dino_trained, dino_runs):
+    folders, runs = dino_runs
+    assert_succeeded(runs["eval"])
+    assert "Evaluation results for bbox" in runs["eval"].output and "|  AP   |  AP50  |" in runs["eval"].output
+    evaluated = bbox_results((folders["eval"] / "log.txt").read_text())
+    assert evaluated == pytest.approx(bbox_results((dino_trained / "log.txt").read_text()), nan_ok=True)
+    name = "inference/validation_losses_custom_val.json"
+    statistics = [json.loads((folder / name).read_text())["statistics"] for folder in (folders["eval"], dino_trained)]
+    assert statistics[0] == pytest.approx(statistics[1])
+
+
+@pytest.mark.slow
+def test_dino_resume_continues_from_the_checkpoint_with_its_optimizer(dino_trained, dino_runs):
+    folders, runs = dino_runs
+    assert_succeeded(runs["resumed"])
+    resumed = folders["resumed"]
+    assert "Starting training from iteration 2" in (resumed / "log.txt").read_text()
+    iterations = [row["iteration"] for row in read_metrics(resumed) if "total_loss" in row]
+    assert iterations[-1] == 3 and min(iterations) >= 2, iterations
+    start = torch.load(resumed / "model_0000001.pth", weights_only=True)
+    checkpoints = [torch.load(folder / "model_final.pth", weights_only=True) for folder in (dino_trained, resumed)]
+    for checkpoint in checkpoints:
+        assert checkpoint["iteration"] == 3
+        steps = {state["step"].item() for state in checkpoint["trainer"]["_trainer"]["optimizer"]["state"].values()}
+        assert steps == {4.0}  # AdamW's 2 steps before the checkpoint, then 2 more
+    assert any(not torch.equal(tensor, start["model"][name]) for name, tensor in checkpoints[1]["model"].items())
