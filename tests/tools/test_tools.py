@@ -6,6 +6,7 @@ weights), converted with the converter CLI; the data: 4 shape classes, 128-px im
 """
 import importlib.util
 import json
+import logging
 import math
 import os
 import subprocess
@@ -278,7 +279,32 @@ def write_metrics(run_dir, total_iters, eval_period, decay, validation=False):
     (run_dir / "metrics.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
-def test_plot_logs_overlays_runs(tmp_path):
+@pytest.fixture(scope="module")
+def plot_logs():
+    """tools/plot_logs.py as a module (a script, not a package), its console logging set up
+    here, outside any test's output capture."""
+    spec = importlib.util.spec_from_file_location("plot_logs_tool", REPO / "tools" / "plot_logs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.setup_tool_logging()
+    return module
+
+
+def plot_in_process(plot_logs, caplog, *args):
+    """(exit status, logged text) of ``tools/plot_logs.py ARGS`` run in this process as its
+    command line runs it (``run_tool(main)``: a SetupError is one ERROR line on stderr)."""
+    logger = logging.getLogger("detectron2")  # the tool's logger; it does not propagate
+    caplog.clear()
+    logger.addHandler(caplog.handler)
+    try:
+        status = plot_logs.run_tool(plot_logs.main, [str(arg) for arg in args])
+    finally:
+        logger.removeHandler(caplog.handler)
+    return status, caplog.text
+
+
+def test_plot_logs_overlays_runs(tmp_path, plot_logs, capsys, caplog):
+    """The command line in a subprocess; a missing run refused in one line (in this process)."""
     write_metrics(tmp_path / "run_a", 400, 100, decay=150)
     write_metrics(tmp_path / "run_b", 300, 100, decay=80)
     result = run_tool("plot_logs.py", tmp_path / "run_a", tmp_path / "run_b", "--output",
@@ -286,21 +312,22 @@ def test_plot_logs_overlays_runs(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     curves = read_rgb(tmp_path / "curves.png")
     assert curves.shape[0] > 500 and curves.shape[1] > 500 and curves.std() > 10
-    missing = run_tool("plot_logs.py", tmp_path / "run_a", tmp_path / "nowhere", "--output", tmp_path / "x.png")
-    assert missing.returncode == 2
-    assert f"No metrics.json in {tmp_path / 'nowhere'}" in missing.stderr
+    missing, _ = plot_in_process(plot_logs, caplog, tmp_path / "run_a", tmp_path / "nowhere", "--output",
+                                 tmp_path / "x.png")
+    assert missing == 2
+    assert f"ERROR: No metrics.json in {tmp_path / 'nowhere'}" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 
-def test_plot_logs_draws_validation_beside_training(tmp_path):
+def test_plot_logs_draws_validation_beside_training(tmp_path, plot_logs, caplog):
     """val/ values (TEST.EVAL_LOSSES) are drawn in the panels of their training metric."""
     write_metrics(tmp_path / "with_val", 400, 100, decay=150, validation=True)
     write_metrics(tmp_path / "without", 400, 100, decay=150)
     plots, logs = {}, {}
     for run in ("with_val", "without"):
-        result = run_tool("plot_logs.py", tmp_path / run, "--output", tmp_path / f"{run}.png")
-        assert result.returncode == 0, result.stdout + result.stderr
-        plots[run], logs[run] = read_rgb(tmp_path / f"{run}.png"), result.stdout + result.stderr
+        status, logs[run] = plot_in_process(plot_logs, caplog, tmp_path / run, "--output", tmp_path / f"{run}.png")
+        assert status == 0, logs[run]
+        plots[run] = read_rgb(tmp_path / f"{run}.png")
     assert "validation curves: val/cardinality_error, val/class_error, val/loss, val/loss_ce" in logs["with_val"]
     assert "no validation values logged" in logs["without"]
     assert plots["with_val"].shape == plots["without"].shape
@@ -308,47 +335,41 @@ def test_plot_logs_draws_validation_beside_training(tmp_path):
     assert differs.mean() > 0.002
 
 
-def plot_logs_module():
-    """tools/plot_logs.py as a module (a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("plot_logs_tool", REPO / "tools" / "plot_logs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_plot_logs_training_minutes_sum_the_logged_iteration_times():
+def test_plot_logs_training_minutes_sum_the_logged_iteration_times(plot_logs):
     """Rows logged every 20 iterations from iteration 19: 20 iterations at each row's "time"."""
     rows = [{"iteration": 19, "time": 0.3}, {"iteration": 39, "time": 0.6}, {"iteration": 40, "bbox/AP": 5.0},
             {"iteration": 59, "time": 0.3}]
-    iterations, minutes = plot_logs_module().training_clock(rows)
+    iterations, minutes = plot_logs.training_clock(rows)
     assert iterations.tolist() == [19, 39, 59]
     assert minutes.tolist() == pytest.approx([20 * 0.3 / 60, 20 * 0.9 / 60, 20 * 1.2 / 60])
-    assert plot_logs_module().training_clock([{"iteration": 40, "bbox/AP": 5.0}]) is None
-    measured = plot_logs_module().with_iteration_seconds(rows, 1.5)  # --iteration-seconds 1.5
-    assert plot_logs_module().training_clock(measured)[1].tolist() == pytest.approx([0.5, 1.0, 1.5])
+    assert plot_logs.training_clock([{"iteration": 40, "bbox/AP": 5.0}]) is None
+    measured = plot_logs.with_iteration_seconds(rows, 1.5)  # --iteration-seconds 1.5
+    assert plot_logs.training_clock(measured)[1].tolist() == pytest.approx([0.5, 1.0, 1.5])
     assert measured[2] == rows[2]
 
 
-def test_plot_logs_names_runs_and_draws_panels_against_iterations_and_minutes(tmp_path):
+def test_plot_logs_names_runs_and_draws_panels_against_iterations_and_minutes(tmp_path, plot_logs, capsys, caplog):
     write_metrics(tmp_path / "run_a", 400, 100, decay=150)
     write_metrics(tmp_path / "run_b", 300, 100, decay=80)
     runs, common = [tmp_path / "run_a", tmp_path / "run_b"], ["--panels", "bbox/AP", "bbox/AP50"]
     figures = {}
     for x_axes in (["iteration"], ["minutes"], ["iteration", "minutes"]):
         output = tmp_path / f"{'_'.join(x_axes)}.png"
-        result = run_tool("plot_logs.py", *runs, "--labels", "A", "B", "--x", *x_axes, *common, "--output", output)
-        assert result.returncode == 0, result.stdout + result.stderr
+        status, log = plot_in_process(plot_logs, caplog, *runs, "--labels", "A", "B", "--x", *x_axes, *common,
+                                      "--output", output)
+        assert status == 0, log
         figures[tuple(x_axes)] = read_rgb(output)
     one_row = figures[("iteration",)]
     assert figures[("iteration", "minutes")].shape[0] > 1.5 * one_row.shape[0]  # a row of panels per axis
     assert figures[("minutes",)].shape == one_row.shape and not np.array_equal(figures[("minutes",)], one_row)
-    wrong = run_tool("plot_logs.py", *runs, "--labels", "A", "--output", tmp_path / "x.png")
-    assert wrong.returncode == 2 and "--labels gives 1 name(s) for 2 run(s)" in wrong.stderr
+    capsys.readouterr()
+    wrong, _ = plot_in_process(plot_logs, caplog, *runs, "--labels", "A", "--output", tmp_path / "x.png")
+    assert wrong == 2 and "--labels gives 1 name(s) for 2 run(s)" in capsys.readouterr().err
     timeless = tmp_path / "timeless"
     timeless.mkdir()
     (timeless / "metrics.json").write_text(json.dumps({"iteration": 99, "bbox/AP": 5.0}) + "\n")
-    no_time = run_tool("plot_logs.py", timeless, "--x", "minutes", "--output", tmp_path / "y.png")
-    assert no_time.returncode == 2 and "logged no iteration times" in no_time.stderr
+    no_time, _ = plot_in_process(plot_logs, caplog, timeless, "--x", "minutes", "--output", tmp_path / "y.png")
+    assert no_time == 2 and "logged no iteration times" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
 
 
