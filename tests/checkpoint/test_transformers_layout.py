@@ -2,12 +2,14 @@
 
 Tiny transformers models with random weights (and random frozen batch-norm statistics) of
 both backbone flavours (a timm resnet18; transformers' own ResNetBackbone, here a narrow
-ResNet-50 layout) are saved with ``save_pretrained``, converted by the CLI, and run by
-detr_d2 from the written config: logits, boxes (and mask logits) equal transformers' own
+ResNet-50 layout) are saved with ``save_pretrained``, converted by the CLI (its command
+line in subprocesses for the four main cases, its ``main`` in the test process for the
+variants), and run by detr_d2 from the written config: logits, boxes (and mask logits) equal transformers' own
 within 1e-4 on the same normalised, padded pixel tensor and pixel mask. The way back
 (``--to transformers``) is loaded by transformers, predicts the same, and converts back to
 the identical detr_d2 weights.
 """
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -117,11 +119,28 @@ def assert_outputs_close(ours, theirs, logit_columns=None, scaled_mask_inputs=Fa
 CONVERTER = REPO / "tools" / "convert_detr_checkpoint.py"
 
 
-def run_cli(*args):
-    result = subprocess.run([sys.executable, str(CONVERTER), *map(str, args)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+@pytest.fixture(scope="module")
+def converter_tool():
+    """tools/convert_detr_checkpoint.py as a module (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("convert_detr_checkpoint_tool", CONVERTER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_cli(converter_tool, capsys):
+    """``run_cli(*args)``: the stdout of ``tools/convert_detr_checkpoint.py ARGS`` run in this
+    process by the tool's ``main`` (what its command line runs), whose exit status is
+    asserted to be 0. The command line itself runs in subprocesses in ``converted``,
+    test_export_refuses_what_transformers_cannot_hold and tests/checkpoint/test_converter.py."""
+    def run(*args):
+        capsys.readouterr()
+        status = converter_tool.main([str(arg) for arg in args])
+        output = capsys.readouterr()
+        assert status == 0, output.out + output.err
+        return output.out
+    return run
 
 
 CASES = {  # name: (backbone flavour, segmentation, labels)
@@ -171,7 +190,7 @@ def test_class_names_of_id2label_are_written_beside_the_weights(converted):
     assert "92 outputs -> 80 detectron2 classes" in converted["timm_detection_coco"][3]
 
 
-def test_weights_file_alone_and_transformers_5_module_names(converted, tmp_path):
+def test_weights_file_alone_and_transformers_5_module_names(converted, tmp_path, run_cli):
     """model.safetensors without config.json; a pytorch_model.bin of the model's own state_dict()."""
     hf, folder, reference_output, _ = converted["resnet_detection"]
     alone = tmp_path / "alone"
@@ -190,7 +209,7 @@ def test_weights_file_alone_and_transformers_5_module_names(converted, tmp_path)
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
 
 
-def export_and_back(config_file, weights, folder, back, *extra):
+def export_and_back(run_cli, config_file, weights, folder, back, *extra):
     stdout = run_cli("--to", "transformers", "--source", weights, "--config-file", config_file, "--output", folder,
                      *extra)
     run_cli("--source", folder, "--output", back)
@@ -202,22 +221,24 @@ def export_and_back(config_file, weights, folder, back, *extra):
 
 
 @pytest.mark.parametrize("name", ["resnet_detection", "timm_segmentation"])
-def test_round_trip_of_converted_models_is_exact(converted, name, tmp_path):
+def test_round_trip_of_converted_models_is_exact(converted, name, tmp_path, run_cli):
     _, _, output, _ = converted[name]
-    export_and_back(output.with_suffix(".yaml"), output, tmp_path / "hf", tmp_path / "back.pth")
+    export_and_back(run_cli, output.with_suffix(".yaml"), output, tmp_path / "hf", tmp_path / "back.pth")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["id2label"] == {"0": "cat", "1": "dog", "2": "bird"}
 
 
 @pytest.mark.parametrize("fixture, backbone", [("detr_upstream_tiny", "timm"), ("detr_upstream_tiny", "transformers"),
                                                ("detr_upstream_segm_tiny", "auto")])
-def test_detr_d2_model_exported_to_transformers_predicts_the_same(fixture, backbone, tmp_path, converted_reference):
+def test_detr_d2_model_exported_to_transformers_predicts_the_same(fixture, backbone, tmp_path, converted_reference,
+                                                                  run_cli):
     """A detr_d2 checkpoint (the reference fixture, converted) and its config -> a transformers
     folder that transformers loads and that predicts what detr_d2 does; back exactly."""
     path = fixture_dir(fixture)
     (weights, _), config_file = converted_reference(fixture), tmp_path / "config.yaml"
     cfg = config_for_fixture(path)
     config_file.write_text(cfg.dump())
-    stdout = export_and_back(config_file, weights, tmp_path / "hf", tmp_path / "back.pth", "--backbone-format", backbone)
+    stdout = export_and_back(run_cli, config_file, weights, tmp_path / "hf", tmp_path / "back.pth",
+                             "--backbone-format", backbone)
     assert ("timm ResNet" if backbone != "transformers" else "transformers ResNet") in stdout
     cls = transformers.DetrForSegmentation if cfg.MODEL.MASK_ON else transformers.DetrForObjectDetection
     hf = cls.from_pretrained(tmp_path / "hf").eval()
@@ -275,7 +296,7 @@ def test_evaluation_of_a_set_without_class_names_takes_them_from_the_weights(con
                 detection_evaluator(cfg, name, str(tmp_path / name))
 
 
-def test_dilated_timm_resnet50_is_read_as_a_dc5_model(tmp_path):
+def test_dilated_timm_resnet50_is_read_as_a_dc5_model(tmp_path, run_cli):
     """config.json's dilation (the Hub's detr-resnet-50-dc5): RES5_DILATION 2 with the first
     res5 block undilated, as timm and torchvision build it."""
     config = transformers.DetrConfig(use_timm_backbone=True, backbone="resnet50", dilation=True,
@@ -306,7 +327,7 @@ def test_model_weights_may_name_a_transformers_safetensors_file(converted, caplo
     assert all(torch.equal(state[key], value) for key, value in expected.items())
 
 
-def test_learned_position_embedding_is_read(tmp_path):
+def test_learned_position_embedding_is_read(tmp_path, run_cli):
     hf = hf_model("timm", False, position_embedding="learned")
     hf.save_pretrained(tmp_path / "learned")
     run_cli("--source", tmp_path / "learned", "--output", tmp_path / "learned.pth")
