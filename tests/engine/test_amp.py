@@ -289,9 +289,11 @@ def test_checkpoints_cross_between_float32_and_amp(tmp_path):
 @pytest.mark.slow
 def test_train_net_trains_resumes_and_evaluates_in_bf16(datasets_root, tmp_path):
     """The command lines: an AMP run checkpoints at iteration 2, --resume continues it to the
-    end, --eval-only with TEST.AMP.ENABLED evaluates the result."""
+    end, --eval-only with TEST.AMP.ENABLED evaluates the result (the trainings evaluate
+    nothing: DATASETS.TEST empty)."""
     out = tmp_path / "out"
-    opts = ["OUTPUT_DIR", out, "SOLVER.AMP.ENABLED", "True", "SOLVER.CHECKPOINT_PERIOD", "3", *FROZEN]
+    opts = ["OUTPUT_DIR", out, "SOLVER.AMP.ENABLED", "True", "SOLVER.CHECKPOINT_PERIOD", "3", "DATASETS.TEST", "()",
+            *FROZEN]
     assert_succeeded(run_one(train_net(*opts, "SOLVER.MAX_ITER", "3"), datasets_root))
     checkpoint = torch.load(out / "model_final.pth", weights_only=False)
     assert checkpoint["iteration"] == 2 and checkpoint["trainer"]["_trainer"]["grad_scaler"] == {}  # bf16: no scaler
