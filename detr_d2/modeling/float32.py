@@ -1,12 +1,13 @@
 """Parts of DETR that compute in float32 even when the model runs under ``torch.autocast``.
 
 ``float32_island(function)``: the function runs with autocast switched off for the device
-of its tensors, and its floating-point tensor arguments (also inside lists, tuples and
-dicts, e.g. the targets) come in as float32. Gradients flow back through the casts to the
-bfloat16/float16 predictions. Used for the criterion and the Hungarian matcher (softmax
-probabilities, L1 and GIoU costs and losses: near-equal matching costs must not be
-reordered by bfloat16's 8-bit mantissa, and loss sums over hundreds of queries lose digits
-in 16 bits) and for the inference post-processing (scores and boxes come out float32).
+of its tensors, and its floating-point tensor arguments (also inside lists, tuples, named
+tuples and dicts, e.g. the targets or DINO's extra predictions) come in as float32.
+Gradients flow back through the casts to the bfloat16/float16 predictions. Used for the
+criterion and the Hungarian matcher (softmax probabilities, L1 and GIoU costs and losses:
+near-equal matching costs must not be reordered by bfloat16's 8-bit mantissa, and loss
+sums over hundreds of queries lose digits in 16 bits) and for the inference
+post-processing (scores and boxes come out float32).
 Without autocast (float32 models) it changes nothing.
 
 ``in_current_autocast(function)``: ``function`` wrapped to run under the autocast state of
@@ -25,11 +26,13 @@ _DEVICE_TYPES = ("cpu", "cuda")
 
 def as_float32(value):
     """``value`` with every 16-bit floating-point tensor in it (nested in lists, tuples,
-    dicts) as float32; anything else (float32/64, integer and bool tensors, functions,
-    numbers) unchanged."""
+    named tuples, dicts) as float32; anything else (float32/64, integer and bool tensors,
+    functions, numbers) unchanged."""
     if torch.is_tensor(value):
         return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(as_float32(item) for item in value))
+    if isinstance(value, (list, tuple)):
         return type(value)(as_float32(item) for item in value)
     if isinstance(value, dict):
         return {key: as_float32(item) for key, item in value.items()}
