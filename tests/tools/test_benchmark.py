@@ -1,5 +1,6 @@
-"""tools/benchmark.py on the tiny test config: every task reports its timings,
---compare-plain the ratio (and for eval, outputs equal to the plain path)."""
+"""tools/benchmark.py on the tiny test configs (DETR; DeformableDetr and Dino): every task
+reports its timings, --compare-plain the ratio (and for eval, outputs equal to the plain
+path)."""
 import importlib.util
 import re
 
@@ -10,6 +11,8 @@ from tests.helpers import REPO, TINY_CONFIG, run_python
 BENCHMARK = REPO / "tools" / "benchmark.py"
 MEDIAN = re.compile(r"^ *(fast|plain|data): median ([0-9.]+) s/iter", re.MULTILINE)
 COMMON = ["--config-file", str(TINY_CONFIG), "--iters", "2", "--warmup", "1"]
+# configs/tests/tiny_deformable.yaml's overrides per meta-architecture
+MULTI_SCALE_MODELS = {"DeformableDetr": [], "Dino": ["MODEL.META_ARCHITECTURE", "Dino", "MODEL.DINO.DN_NUMBER", "4"]}
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +48,19 @@ def test_eval_outputs_equal_the_plain_path(benchmark, capsys):
     assert score <= 1e-5 and box <= 1e-5
 
 
-def test_deformable_detr_runs_both_tasks_and_its_fast_paths_give_the_plain_outputs(benchmark, capsys):
-    """A DeformableDetr config (sigmoid top-k outputs, deformable attention, multi-level
-    backbone): eval's fast and plain outputs agree, training times its iterations."""
-    deformable = ["--config-file", str(REPO / "configs" / "tests" / "tiny_deformable.yaml"), "--iters", "1",
-                  "--warmup", "0", "--input-size", "64x80", "--compare-plain", "--precision", "float32"]
-    assert benchmark.main([*deformable, "--task", "eval"]) == 0
+@pytest.mark.parametrize("model", list(MULTI_SCALE_MODELS))
+def test_multi_scale_models_run_both_tasks_and_their_fast_paths_give_the_plain_outputs(benchmark, capsys, model):
+    """The tiny multi-scale config as DeformableDetr and as Dino (sigmoid top-k outputs,
+    deformable attention, multi-level backbone; Dino: query selection, denoising queries in
+    training): eval's fast and plain outputs agree, training times its iterations."""
+    arguments = ["--config-file", str(REPO / "configs" / "tests" / "tiny_deformable.yaml"), "--iters", "1",
+                 "--warmup", "0", "--input-size", "64x80", "--compare-plain", "--precision", "float32"]
+    assert benchmark.main([*arguments, "--task", "eval", *MULTI_SCALE_MODELS[model]]) == 0
     output = capsys.readouterr().out
     assert set(medians(output)) == {"fast", "plain"}
     score, box = map(float, re.search(r"score ([0-9.e+-]+), box / image side ([0-9.e+-]+)", output).groups())
     assert score <= 1e-5 and box <= 1e-5
-    assert benchmark.main([*deformable, "--task", "train"]) == 0
+    assert benchmark.main([*arguments, "--task", "train", *MULTI_SCALE_MODELS[model]]) == 0
     assert set(medians(capsys.readouterr().out)) == {"fast", "plain"}
 
 
