@@ -32,9 +32,10 @@ CONVERTER_ARGUMENTS = {TINY: REFERENCE_OPTS,
 # their float32 rank (16-22 with the encoder's proposal heads in float32: the encoder
 # memory itself is bf16), and a proposal at another rank predicts other logits. So its
 # logits are compared where the reference's query has kept its proposal: SAME_QUERY of
-# the 10 best at least, 2-8 measured (AMD EPYC with AVX512-BF16, PyTorch 2.14, 2026-12-06).
+# the 10 best at least, 2-8 measured (AMD EPYC with AVX512-BF16, PyTorch 2.14, 2026-12-06);
+# the bound is 1, below that minimum, as other CPUs' bf16 kernels rank the ties otherwise.
 FOUND = {TINY: TOP, TWO_STAGE: TOP - 2, DINO: TOP - 2}
-SAME_QUERY = {DINO: 2}
+SAME_QUERY = {DINO: 1}
 BOX_TOLERANCE = 5e-3  # of the image side
 # The trained losses besides the earlier decoder layers': the two-stage proposals' (_enc),
 # DINO's selected proposals' (_interm) and denoising queries' (_dn).
