@@ -16,7 +16,8 @@ would type):
    iterations and at the end on the held-out validation split: COCOEvaluator's AP and
    DETR's criterion on it (validation losses).
 3. ``tools/demo.py``: draws the fine-tuned model's detections on validation images with
-   detectron2's Visualizer (PNG files, drawn at 4x the 128-px images).
+   detectron2's Visualizer (PNG files, drawn at 4x the 128-px images; scores from 0.5, from
+   0.3 for the sigmoid-scored Deformable DETR and DINO).
 4. ``tools/plot_logs.py``: the training curves with the AP and validation losses.
 5. A summary: the evaluations (AP / AP50, validation loss), where everything is, and the
    time of each step.
@@ -47,6 +48,9 @@ CUSTOM_DATA = "datasets/shapes_custom"
 CUSTOM_SPLITS = "train:2000,val:200"
 MASKS_CONFIG = "configs/shapes/detr_tiny_masks_custom.yaml"
 MODEL_NAMES = {"Detr": "DETR", "GroupDetr": "Group DETR", "DeformableDetr": "Deformable DETR", "Dino": "DINO"}
+# Score threshold of the drawings: the sigmoid top-k models' per-class scores run lower
+# than DETR's softmax ones (the fine-tuned shapes DINO scores found shapes from 0.38).
+DRAW_THRESHOLDS = {"DeformableDetr": "0.3", "Dino": "0.3"}
 DRAW_SCALE = "4"  # the 128-px images drawn at 512 px: labels no longer cover the objects
 
 
@@ -93,11 +97,16 @@ def dataset_overrides(data_dir):
     return ["DATASETS.REGISTER_COCO", repr(register)]
 
 
-def model_name(run_dir):
-    """The family name of the model ``run_dir/config.yaml`` trains (MODEL.META_ARCHITECTURE)."""
+def meta_architecture(run_dir):
+    """MODEL.META_ARCHITECTURE of ``run_dir/config.yaml``."""
     with open(os.path.join(run_dir, "config.yaml")) as file:
-        meta_architecture = yaml.safe_load(file)["MODEL"]["META_ARCHITECTURE"]
-    return MODEL_NAMES.get(meta_architecture, meta_architecture)
+        return yaml.safe_load(file)["MODEL"]["META_ARCHITECTURE"]
+
+
+def model_name(run_dir):
+    """The family name of the model ``run_dir`` trained."""
+    name = meta_architecture(run_dir)
+    return MODEL_NAMES.get(name, name)
 
 
 def summary(args, run_dir, pictures_dir, curves, evaluated, timings):
@@ -157,8 +166,10 @@ def main(argv=None):
                                         *dataset_overrides(args.data_dir), "OUTPUT_DIR", run_dir, *args.opts],
              timings, REPO)
     val_images = sorted(glob.glob(os.path.join(REPO, args.data_dir, "images", "val", "*.png")))[:args.images]
+    threshold = DRAW_THRESHOLDS.get(meta_architecture(os.path.join(REPO, run_dir)), "0.5")
     run_step("draw predictions", [python, "tools/demo.py", "--config-file", os.path.join(run_dir, "config.yaml"),
                                   "--input", *val_images, "--output", pictures_dir, "--draw-scale", DRAW_SCALE,
+                                  "--confidence-threshold", threshold,
                                   "--opts", "MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")], timings, REPO)
     run_step("plot the training curves", [python, "tools/plot_logs.py", run_dir, "--output", curves], timings, REPO)
     summary(args, run_dir, pictures_dir, curves, evaluations(os.path.join(REPO, run_dir)), timings)
