@@ -123,8 +123,9 @@ def run_labels(run_dirs, labels=None):
 
 
 def with_iteration_seconds(rows, seconds):
-    """``rows`` whose logged seconds per iteration ("time") are all ``seconds``."""
-    return [dict(row, time=seconds) if "time" in row else row for row in rows]
+    """``rows`` with ``seconds`` as every row's seconds per iteration ("time"): training
+    minutes become iterations times ``seconds``, also for a log of evaluations alone."""
+    return [dict(row, time=seconds) for row in rows]
 
 
 def is_evaluated(key):

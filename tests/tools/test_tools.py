@@ -343,9 +343,11 @@ def test_plot_logs_training_minutes_sum_the_logged_iteration_times(plot_logs):
     assert iterations.tolist() == [19, 39, 59]
     assert minutes.tolist() == pytest.approx([20 * 0.3 / 60, 20 * 0.9 / 60, 20 * 1.2 / 60])
     assert plot_logs.training_clock([{"iteration": 40, "bbox/AP": 5.0}]) is None
-    measured = plot_logs.with_iteration_seconds(rows, 1.5)  # --iteration-seconds 1.5
-    assert plot_logs.training_clock(measured)[1].tolist() == pytest.approx([0.5, 1.0, 1.5])
-    assert measured[2] == rows[2]
+    measured = plot_logs.with_iteration_seconds(rows, 1.5)  # --iteration-seconds 1.5: iterations x 1.5 s
+    assert plot_logs.training_clock(measured)[0].tolist() == [19, 39, 40, 59]
+    assert plot_logs.training_clock(measured)[1].tolist() == pytest.approx([0.5, 1.0, 1.025, 1.5])
+    evaluations_only = plot_logs.with_iteration_seconds([{"iteration": 999, "bbox/AP": 5.0}], 0.6)
+    assert plot_logs.training_clock(evaluations_only)[1].tolist() == pytest.approx([10.0])
 
 
 def test_plot_logs_names_runs_and_draws_panels_against_iterations_and_minutes(tmp_path, plot_logs, capsys, caplog):
