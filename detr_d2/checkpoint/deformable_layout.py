@@ -362,8 +362,20 @@ def config_options(state_dict, converted, source, training_args=None):
     if "dilation" not in arguments:
         notes.append("dilation is not stored in weights: none assumed (for a DC5 model set "
                      "MODEL.RESNETS.RES5_DILATION 2)")
+    options = [("MODEL.META_ARCHITECTURE", "DeformableDetr"),
+               *size_options(state_dict, converted, spec, arguments, heads, queries),
+               *level_options(in_features, levels, encoder_points, decoder_points),
+               ("MODEL.MULTI_SCALE.WITH_BOX_REFINE", refine),
+               ("MODEL.MULTI_SCALE.TWO_STAGE", two_stage)]
+    options += [(key, arguments[name]) for key, name in ARGUMENT_KEYS if name in arguments]
+    return options, notes
+
+
+def size_options(state_dict, converted, spec, arguments, heads, queries):
+    """OUT.yaml options of a reference multi-scale checkpoint (Deformable DETR, DINO) that its
+    tensors fix alike: ResNet sizes and dilation, the transformer's sizes, ``queries``, and
+    the classes of a class head that was kept (``converted`` holds it)."""
     options = [
-        ("MODEL.META_ARCHITECTURE", "DeformableDetr"),
         ("MODEL.RESNETS.DEPTH", spec["depth"]),
         ("MODEL.RESNETS.STEM_OUT_CHANNELS", spec["stem_out_channels"]),
         ("MODEL.RESNETS.RES2_OUT_CHANNELS", spec["res2_out_channels"]),
@@ -378,13 +390,12 @@ def config_options(state_dict, converted, source, training_args=None):
     ]
     if "class_embed.0.weight" in converted:
         options.append(("MODEL.DETR.NUM_CLASSES", converted["class_embed.0.weight"].shape[0]))
-    options += [
-        ("MODEL.MULTI_SCALE.IN_FEATURES", in_features),
-        ("MODEL.MULTI_SCALE.NUM_FEATURE_LEVELS", levels),
-        ("MODEL.MULTI_SCALE.ENC_N_POINTS", encoder_points),
-        ("MODEL.MULTI_SCALE.DEC_N_POINTS", decoder_points),
-        ("MODEL.MULTI_SCALE.WITH_BOX_REFINE", refine),
-        ("MODEL.MULTI_SCALE.TWO_STAGE", two_stage),
-    ]
-    options += [(key, arguments[name]) for key, name in ARGUMENT_KEYS if name in arguments]
-    return options, notes
+    return options
+
+
+def level_options(in_features, levels, encoder_points, decoder_points):
+    """OUT.yaml options of the feature levels and the sampling points per head and level."""
+    return [("MODEL.MULTI_SCALE.IN_FEATURES", in_features),
+            ("MODEL.MULTI_SCALE.NUM_FEATURE_LEVELS", levels),
+            ("MODEL.MULTI_SCALE.ENC_N_POINTS", encoder_points),
+            ("MODEL.MULTI_SCALE.DEC_N_POINTS", decoder_points)]

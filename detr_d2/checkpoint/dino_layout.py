@@ -47,7 +47,8 @@ from detr_d2.checkpoint.convert import COCO_CATEGORY_IDS, ConversionError, renam
 from detr_d2.checkpoint.deformable_layout import (ARGUMENT_KEYS, BACKBONE_PREFIX, BOX_HEAD_KEYS, DECODER_LAYER_KEYS,
                                                   ENCODER_LAYER_KEYS, REFERENCE_COCO_HEAD_SIZE, backbone_description,
                                                   backbone_levels, check_alike, count_indexed, heads_and_points,
-                                                  listed, renamed_tensors, training_arguments, weight_and_bias)
+                                                  level_options, listed, renamed_tensors, size_options,
+                                                  training_arguments, weight_and_bias)
 from detr_d2.checkpoint.transformers_layout import resnet_spec
 
 __all__ = ["BASE_CONFIG", "config_options", "dino_key_to_detr_d2", "dino_to_detr_d2", "is_dino_layout"]
@@ -292,28 +293,10 @@ def config_options(state_dict, converted, source, training_args=None):
                      "detections (num_select) and denoising (dn_number, noise) as configs/Base-DINO.yaml has them "
                      "(the reference's 4-scale recipe); set MODEL.RESNETS.RES5_DILATION, "
                      "MODEL.MULTI_SCALE.TOPK_DETECTIONS, MODEL.DINO.DN_NUMBER ... (--opts) if it was trained otherwise")
-    options = [
-        ("MODEL.META_ARCHITECTURE", "Dino"),
-        ("MODEL.RESNETS.DEPTH", spec["depth"]),
-        ("MODEL.RESNETS.STEM_OUT_CHANNELS", spec["stem_out_channels"]),
-        ("MODEL.RESNETS.RES2_OUT_CHANNELS", spec["res2_out_channels"]),
-        ("MODEL.RESNETS.WIDTH_PER_GROUP", spec["width_per_group"]),
-        ("MODEL.RESNETS.RES5_DILATION", 2 if arguments.get("dilation") else 1),
-        ("MODEL.DETR.HIDDEN_DIM", state_dict["transformer.level_embed"].shape[1]),
-        ("MODEL.DETR.NHEADS", heads),
-        ("MODEL.DETR.ENC_LAYERS", count_indexed(state_dict, "transformer.encoder.layers.")),
-        ("MODEL.DETR.DEC_LAYERS", count_indexed(state_dict, "transformer.decoder.layers.")),
-        ("MODEL.DETR.DIM_FEEDFORWARD", state_dict["transformer.encoder.layers.0.linear1.weight"].shape[0]),
-        ("MODEL.DETR.NUM_OBJECT_QUERIES", state_dict["transformer.tgt_embed.weight"].shape[0]),
-    ]
-    if "class_embed.0.weight" in converted:
-        options.append(("MODEL.DETR.NUM_CLASSES", converted["class_embed.0.weight"].shape[0]))
-    options += [
-        ("MODEL.MULTI_SCALE.IN_FEATURES", in_features),
-        ("MODEL.MULTI_SCALE.NUM_FEATURE_LEVELS", levels),
-        ("MODEL.MULTI_SCALE.ENC_N_POINTS", encoder_points),
-        ("MODEL.MULTI_SCALE.DEC_N_POINTS", decoder_points),
-    ]
+    options = [("MODEL.META_ARCHITECTURE", "Dino"),
+               *size_options(state_dict, converted, spec, arguments, heads,
+                             state_dict["transformer.tgt_embed.weight"].shape[0]),
+               *level_options(in_features, levels, encoder_points, decoder_points)]
     if "label_enc.weight" in converted:
         options.append(("MODEL.DINO.DN_LABELBOOK_SIZE", converted["label_enc.weight"].shape[0] - 1))
     options += [
