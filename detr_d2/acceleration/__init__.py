@@ -15,9 +15,10 @@ every parameter, buffer and name (state dicts and checkpoints are unchanged):
   random words (``fast_dropout``; drop probability quantised to 1/65536, another random
   stream than torch's).
 * every ``MultiScaleDeformableAttention`` (DeformableDetr, Dino) becomes a
-  ``FastMultiScaleDeformableAttention``: at CPU inference the bilinear samples of all levels
-  and points are read by one weighted gather with the attention weights folded into the
-  corner weights (``fast_deformable_attention``), instead of one ``grid_sample`` per level
+  ``FastMultiScaleDeformableAttention``: on the CPU (inference and training) the bilinear
+  samples of all levels and points are read by weighted row gathers, one per bilinear
+  corner, with the attention weights folded into the corner weights and a backward of
+  sparse products (``fast_deformable_attention``), instead of one ``grid_sample`` per level
   and a stack of the samples.
 
 Under CPU autocast to bfloat16 (SOLVER.AMP / TEST.AMP, ``detr_d2.engine.precision``) the

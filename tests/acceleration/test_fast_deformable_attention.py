@@ -1,6 +1,7 @@
-"""The gathered deformable attention (one weighted ``embedding_bag`` over all levels) computes
-what the plain definition (``grid_sample`` per level) computes, forward and backward, and
-``accelerate`` puts it and the backbone fast paths into DeformableDetr."""
+"""The gathered deformable attention (weighted ``embedding_bag`` sums over all levels, with its
+own backward) computes what the plain definition (``grid_sample`` per level) computes,
+forward and backward, at inference and in training, and ``accelerate`` puts it and the
+backbone fast paths into DeformableDetr."""
 import pytest
 import torch
 from detectron2.utils.events import EventStorage
@@ -8,8 +9,9 @@ from torch import nn
 
 from detr_d2.acceleration import accelerate, set_fast_paths
 from detr_d2.acceleration.fast_backbone import FastMaskedBackbone
-from detr_d2.acceleration.fast_deformable_attention import (FastMultiScaleDeformableAttention,
-                                                            gathered_deformable_attention)
+from detr_d2.acceleration.fast_deformable_attention import (CornerGather, FastMultiScaleDeformableAttention,
+                                                            gathered_deformable_attention, sampling_layout,
+                                                            table_dtype)
 from detr_d2.acceleration.folded_norm import FrozenNormConv2d
 from detr_d2.engine.build import build_model
 from detr_d2.modeling.deformable_detr import DeformableDetr
@@ -146,14 +148,62 @@ def autograd_functions(output):
     return {type(function).__name__ for function in seen}
 
 
-def test_accelerated_module_samples_with_grid_sample_under_autograd():
-    """Training (autograd on) keeps the plain sampling: the same output, through grid_sample."""
+@pytest.mark.parametrize("reference_size", [2, 4])
+def test_accelerated_module_gathers_in_training_with_the_plain_gradients(reference_size):
+    """With autograd (training) the accelerated module gathers too (CornerGather, no
+    grid_sample): the plain module's output and gradients to the query, the reference points
+    or boxes, the value input and every parameter."""
     plain, fast = attention_modules()
-    inputs = padded_batch_inputs(2)
-    output = fast(*inputs)
-    torch.testing.assert_close(output, plain(*inputs), atol=0, rtol=0)
-    names = autograd_functions(output)
-    assert "GridSampler2DBackward0" in names and "EmbeddingBagBackward0" not in names
+    upstream = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(5))
+    results = []
+    for module in (plain, fast):
+        query, reference, value_input, shapes, mask = padded_batch_inputs(reference_size)
+        inputs = [t.requires_grad_() for t in (query, reference, value_input)]
+        output = module(*inputs, shapes, mask)
+        names = autograd_functions(output)
+        output.backward(upstream)
+        results.append((output.detach(), [t.grad for t in inputs],
+                        {name: p.grad.clone() for name, p in module.named_parameters()}, names))
+    (plain_output, plain_inputs, plain_params, plain_names), (output, grads, params, names) = results
+    assert "GridSampler2DBackward0" in plain_names
+    assert "CornerGatherBackward" in names and "GridSampler2DBackward0" not in names
+    assert_close_to_scale(output, plain_output)
+    for wrt, grad, plain_grad in zip(("query", "reference points", "value input"), grads, plain_inputs):
+        assert_close_to_scale(grad, plain_grad, msg=wrt)
+    assert set(params) == set(plain_params)
+    for name, grad in plain_params.items():
+        assert_close_to_scale(params[name], grad, msg=name)
+
+
+def test_corner_gather_gradients_pass_gradcheck():
+    """CornerGather's backward (sampled dot products for the corner weights, the sorted
+    transposed gather for the table) against finite differences, in float64 on the rows a
+    real layout gives (2 images, 3 levels, 2 heads, 2 points; locations partly outside)."""
+    shapes = [(3, 4), (2, 3), (1, 2)]
+    layout = sampling_layout(shapes, 2, 2, 2, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    queries, k = 5, 2 * len(shapes) * 2
+    x = torch.rand(2, queries, k, generator=generator, dtype=torch.float64) * 8 - 1
+    y = torch.rand(2, queries, k, generator=generator, dtype=torch.float64) * 6 - 1
+    x = torch.minimum(x.clamp(min=0), layout.bounds[0].double())
+    y = torch.minimum(y.clamp(min=0), layout.bounds[1].double())
+    top_left = (y.long() * layout.line_steps).add_(x.long(), alpha=2).add_(layout.first_rows).view(-1, 6)
+    line = layout.line_steps[:6]
+    steps = torch.stack([torch.full_like(line, 2), line, line + 2])
+    table = torch.randn(layout.rows, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = [torch.rand(top_left.shape, generator=generator, dtype=torch.float64, requires_grad=True)
+               for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda t, *w: CornerGather.apply(t, top_left.int(), steps.int(), *w),
+                                    (table, *weights))
+
+
+def test_the_table_keeps_16_bit_values_at_inference_only():
+    """At inference the gather reads bfloat16 values as they are; when autograd records, and
+    for float32 values, the table is float32."""
+    with torch.no_grad():
+        assert table_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
+        assert table_dtype(torch.float32, torch.float32) == torch.float32
+    assert table_dtype(torch.bfloat16, torch.float32) == torch.float32
 
 
 def test_set_fast_paths_switches_the_sampling():

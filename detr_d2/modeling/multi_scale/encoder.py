@@ -64,8 +64,9 @@ def flatten_levels(maps, masks, positions, level_embed):
 
 
 def feed_forward(x, linear1, linear2, dropout_inner, dropout_outer, norm):
-    """The post-norm FFN block of both layer types: norm(x + dropout(linear2(dropout(relu(linear1(x))))))."""
-    return norm(x + dropout_outer(linear2(dropout_inner(F.relu(linear1(x))))))
+    """The post-norm FFN block of both layer types: norm(x + dropout(linear2(dropout(relu(linear1(x)))))).
+    The ReLU overwrites linear1's fresh output (no second [.., d_ffn] tensor; exact)."""
+    return norm(x + dropout_outer(linear2(dropout_inner(F.relu(linear1(x), inplace=True)))))
 
 
 class DeformableEncoderLayer(nn.Module):
