@@ -114,25 +114,57 @@ def sampling_layout(shapes, batch, heads, points, device):
         heads=heads)
 
 
+def _level_blocks(table, shapes, batch, heads, head_dim):
+    """Views of ``table`` [N, S', M, C/M]: each level's bordered map [N, H_l + 4, W_l + 4, M, C/M]."""
+    blocks, start = [], 0
+    for height, width in shapes:
+        area = (height + 2 * BORDER) * (width + 2 * BORDER)
+        blocks.append(table[:, start:start + area].view(batch, height + 2 * BORDER, width + 2 * BORDER, heads,
+                                                        head_dim))
+        start += area
+    return blocks
+
+
+class BorderedTable(torch.autograd.Function):
+    """value [N, S, M, C/M] -> the table [N * S' * M, C/M] in ``dtype``: each level's map
+    with a border of zeros. The backward reads each level's interior out of the table's
+    gradient (one pass; autograd's in-place copies into views would clone the whole table
+    gradient per copy)."""
+
+    @staticmethod
+    def forward(ctx, value, shapes, dtype):
+        batch, _, heads, head_dim = value.shape
+        ctx.shapes, ctx.value_shape, ctx.value_dtype = shapes, value.shape, value.dtype
+        areas = [(h + 2 * BORDER) * (w + 2 * BORDER) for h, w in shapes]
+        table = value.new_empty(batch, sum(areas), heads, head_dim, dtype=dtype)
+        levels = value.split([h * w for h, w in shapes], dim=1)
+        for level, bordered, (height, width) in zip(levels, _level_blocks(table, shapes, batch, heads, head_dim),
+                                                    shapes):
+            bordered[:, :BORDER].zero_()
+            bordered[:, -BORDER:].zero_()
+            bordered[:, BORDER:-BORDER, :BORDER].zero_()
+            bordered[:, BORDER:-BORDER, -BORDER:].zero_()
+            bordered[:, BORDER:-BORDER, BORDER:-BORDER].copy_(level.view(batch, height, width, heads, head_dim))
+        return table.view(-1, head_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        batch, _, heads, head_dim = ctx.value_shape
+        grad = grad.view(batch, -1, heads, head_dim)
+        grad_value = grad.new_empty(ctx.value_shape, dtype=ctx.value_dtype)
+        start = 0
+        for bordered, (height, width) in zip(_level_blocks(grad, ctx.shapes, batch, heads, head_dim), ctx.shapes):
+            grad_value[:, start:start + height * width].view(batch, height, width, heads, head_dim).copy_(
+                bordered[:, BORDER:-BORDER, BORDER:-BORDER])
+            start += height * width
+        return grad_value, None, None
+
+
 def bordered_table(value, shapes, dtype=torch.float32):
     """value [N, S, M, C/M] (levels flattened row-major one after another), ``shapes`` list of
     (H_l, W_l) -> the table [N * S' * M, C/M] in ``dtype``: each level's map with a border of
-    zeros (one copy of the values, differentiable)."""
-    batch, _, heads, head_dim = value.shape
-    widths = [w + 2 * BORDER for _, w in shapes]
-    areas = [(h + 2 * BORDER) * width for (h, _), width in zip(shapes, widths)]
-    table = value.new_empty(batch, sum(areas), heads, head_dim, dtype=dtype)
-    start = 0
-    for level, (height, width), bordered_width, area in zip(value.split([h * w for h, w in shapes], dim=1), shapes,
-                                                            widths, areas):
-        bordered = table[:, start:start + area].view(batch, -1, bordered_width, heads, head_dim)
-        bordered[:, :BORDER].zero_()
-        bordered[:, -BORDER:].zero_()
-        bordered[:, BORDER:-BORDER, :BORDER].zero_()
-        bordered[:, BORDER:-BORDER, -BORDER:].zero_()
-        bordered[:, BORDER:-BORDER, BORDER:-BORDER].copy_(level.view(batch, height, width, heads, head_dim))
-        start += area
-    return table.view(-1, head_dim)
+    zeros (one copy of the values; ``BorderedTable``)."""
+    return BorderedTable.apply(value, shapes, dtype)
 
 
 class CornerGather(torch.autograd.Function):
@@ -192,15 +224,16 @@ def transposed_gather(grad, top_left, steps, weights, table_rows):
     per table row."""
     bags, per_bag = top_left.shape
     order = torch.argsort(top_left.reshape(-1))
-    sorted_rows = top_left.reshape(-1)[order]
+    sorted_rows = top_left.reshape(-1).index_select(0, order)
     bag_of = torch.div(order, per_bag, rounding_mode="floor")
     point_of = order - bag_of * per_bag
     boundaries = torch.arange(table_rows, dtype=sorted_rows.dtype, device=grad.device)
+    entry_steps = steps.index_select(1, point_of)
     grad_table = None
     for index, weight in enumerate(weights):
-        rows = sorted_rows if index == 0 else sorted_rows + steps[index - 1][point_of]
+        rows = sorted_rows if index == 0 else sorted_rows + entry_steps[index - 1]
         offsets = torch.searchsorted(rows, boundaries)
-        summed = F.embedding_bag(bag_of, grad, offsets.to(bag_of.dtype), per_sample_weights=weight.reshape(-1)[order],
+        summed = F.embedding_bag(bag_of, grad, offsets.to(bag_of.dtype), per_sample_weights=weight.reshape(-1).index_select(0, order),
                                  mode="sum")
         grad_table = summed if grad_table is None else grad_table.add_(summed)
     return grad_table
