@@ -351,9 +351,7 @@ def config_options(state_dict, converted, source, training_args=None):
     spec = resnet_spec(converted)
     notes = []
     if heads_assumed:
-        notes.append(f"{heads} attention heads assumed (the weights fix heads x points only; the reference trains "
-                     "8): if the model was trained with other --nheads, set MODEL.DETR.NHEADS and "
-                     "MODEL.MULTI_SCALE.ENC_N_POINTS / DEC_N_POINTS so that heads x points stay the same")
+        notes.append(heads_assumed_note(heads))
     queries = state_dict["query_embed.weight"].shape[0] if not two_stage else arguments.get("num_queries")
     if queries is None:
         queries = REFERENCE_TWO_STAGE_QUERIES
@@ -399,3 +397,10 @@ def level_options(in_features, levels, encoder_points, decoder_points):
             ("MODEL.MULTI_SCALE.NUM_FEATURE_LEVELS", levels),
             ("MODEL.MULTI_SCALE.ENC_N_POINTS", encoder_points),
             ("MODEL.MULTI_SCALE.DEC_N_POINTS", decoder_points)]
+
+
+def heads_assumed_note(heads):
+    """The converter's note when no training arguments give the number of attention heads."""
+    return (f"{heads} attention heads assumed (the weights fix heads x points only; the reference trains 8): "
+            "if the model was trained with other --nheads, set MODEL.DETR.NHEADS and "
+            "MODEL.MULTI_SCALE.ENC_N_POINTS / DEC_N_POINTS so that heads x points stay the same")

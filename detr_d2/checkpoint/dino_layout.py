@@ -47,8 +47,8 @@ from detr_d2.checkpoint.convert import COCO_CATEGORY_IDS, ConversionError, renam
 from detr_d2.checkpoint.deformable_layout import (ARGUMENT_KEYS, BACKBONE_PREFIX, BOX_HEAD_KEYS, DECODER_LAYER_KEYS,
                                                   ENCODER_LAYER_KEYS, REFERENCE_COCO_HEAD_SIZE, backbone_description,
                                                   backbone_levels, check_alike, count_indexed, heads_and_points,
-                                                  level_options, listed, renamed_tensors, size_options,
-                                                  training_arguments, weight_and_bias)
+                                                  heads_assumed_note, level_options, listed, renamed_tensors,
+                                                  size_options, training_arguments, weight_and_bias)
 from detr_d2.checkpoint.transformers_layout import resnet_spec
 
 __all__ = ["BASE_CONFIG", "config_options", "dino_key_to_detr_d2", "dino_to_detr_d2", "is_dino_layout"]
@@ -285,9 +285,7 @@ def config_options(state_dict, converted, source, training_args=None):
     spec = resnet_spec(converted)
     notes = []
     if heads_assumed:
-        notes.append(f"{heads} attention heads assumed (the weights fix heads x points only; the reference trains "
-                     "8): if the model was trained with other --nheads, set MODEL.DETR.NHEADS and "
-                     "MODEL.MULTI_SCALE.ENC_N_POINTS / DEC_N_POINTS so that heads x points stay the same")
+        notes.append(heads_assumed_note(heads))
     if not arguments:
         notes.append("no training arguments in the file: dilation none, and dropout, loss weights, top-k "
                      "detections (num_select) and denoising (dn_number, noise) as configs/Base-DINO.yaml has them "
