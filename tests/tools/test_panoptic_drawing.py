@@ -93,4 +93,7 @@ def test_drawing_without_segments_or_names():
     seg[5:15, 5:25] = 1
     drawn = draw_panoptic(image, (seg, [{"id": 1, "category_id": 2, "isthing": True, "score": 0.9, "area": 200}]),
                           metadata, scale=2)
-    assert drawn.shape == (40, 60, 3) and (np.abs(drawn.astype(int) - 90).sum(-1) > 30)[10:30, 10:50].mean() > 0.5
+    # the colour is detectron2's random pick, which may be a grey near the image's 90: the
+    # segment's pixels change, by however little, and the rest keep the image's grey
+    painted = (drawn != 90).any(-1)
+    assert drawn.shape == (40, 60, 3) and painted[10:30, 10:50].mean() > 0.9 and painted[:6].mean() < 0.1
