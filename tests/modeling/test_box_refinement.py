@@ -1,0 +1,114 @@
+"""Iterative box refinement of DeformableDetr and Dino with boxes that move.
+
+The reference fixtures cannot show it: the references initialise the last layer of every
+box head to zero, so their refined boxes equal the reference points. Here the last layers
+are random. What the references define, checked on a tiny model of each:
+
+* a decoder layer's refined boxes are its box head on the layer's output (for DINO before
+  the decoder's final norm), added to the layer's reference in inverse-sigmoid space, and
+  are the next layer's reference, read detached (the sampling points it is given);
+* the prediction of layer i refines layer i's reference with head i on the hidden state the
+  class heads see (DINO: after the final norm);
+* gradients: DINO's look-forward-twice lets layer i+1's boxes reach layer i's refinement
+  exactly through the reference it refines (d sum(boxes_{i+1}) / d delta_i =
+  boxes_{i+1} (1 - boxes_{i+1})); Deformable DETR's detached references let none through.
+"""
+import pytest
+import torch
+
+from detr_d2.modeling.box_ops import inverse_sigmoid
+from detr_d2.modeling.deformable_transformer import scaled_reference_points
+from tests.helpers import tiny_model
+
+DEFORMABLE = ("MODEL.META_ARCHITECTURE", "DeformableDetr", "MODEL.MULTI_SCALE.WITH_BOX_REFINE", "True",
+              "MODEL.MULTI_SCALE.TWO_STAGE", "True")
+DINO = ("MODEL.META_ARCHITECTURE", "Dino", "MODEL.DINO.SHARE_BOX_HEADS", "False", "MODEL.DINO.DN_NUMBER", "0")
+COMMON = ("MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']", "MODEL.DETR.DEC_LAYERS", "2",
+          "MODEL.DETR.NUM_OBJECT_QUERIES", "10", "MODEL.MULTI_SCALE.TOPK_DETECTIONS", "20",
+          "MODEL.DETR.NUM_CLASSES", "3")
+
+
+class DecoderRecorder:
+    """Forward hooks: the decoder's arguments, each decoder layer's arguments and output,
+    and every output of each box head in call order."""
+
+    def __init__(self, model):
+        self.decoder_args, self.layer_args, self.layer_outputs = None, [], []
+        self.head_outputs = {index: [] for index in range(len(model.bbox_embed))}
+        decoder = model.transformer.decoder
+        decoder.register_forward_pre_hook(self._decoder)
+        for layer in decoder.layers:
+            layer.register_forward_pre_hook(lambda module, args: self.layer_args.append(args))
+            layer.register_forward_hook(lambda module, args, output: self.layer_outputs.append(output))
+        for index, head in enumerate(model.bbox_embed):
+            head.register_forward_hook(lambda module, args, output, index=index: self._head(index, output))
+
+    def _decoder(self, module, args):
+        self.decoder_args = args
+
+    def _head(self, index, output):
+        if output.requires_grad:
+            output.retain_grad()
+        self.head_outputs[index].append(output)
+
+
+def moving_boxes_model(variant):
+    """A tiny model of ``variant`` (eval mode: no dropout) whose box heads' last layers are
+    random, and so is DINO's final decoder norm (at its initialisation it barely changes the
+    layers' own normalised outputs), recorded by a ``DecoderRecorder``."""
+    model = tiny_model(*variant, *COMMON).eval()
+    generator = torch.Generator().manual_seed(1)
+    randomised = [*(head.layers[-1] for head in model.bbox_embed), getattr(model.transformer.decoder, "norm", None)]
+    with torch.no_grad():
+        for module in filter(None, randomised):
+            for parameter in module.parameters():
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model, DecoderRecorder(model)
+
+
+def images_of(model):
+    torch.manual_seed(3)
+    return model.preprocess_image([{"image": torch.randint(0, 255, (3, 128, 96), dtype=torch.uint8)},
+                                   {"image": torch.randint(0, 255, (3, 112, 128), dtype=torch.uint8)}])
+
+
+def refine(delta, reference):
+    """The references' refinement of 4-d boxes: sigmoid(delta + logit(reference))."""
+    return (delta + inverse_sigmoid(reference)).sigmoid()
+
+
+@pytest.mark.parametrize("variant", [DEFORMABLE, DINO], ids=["DeformableDetr", "Dino"])
+def test_each_layer_refines_its_reference_and_hands_the_result_on(variant):
+    model, recorded = moving_boxes_model(variant)
+    with torch.no_grad():
+        boxes = model.predict(images_of(model))[1]
+    dino = variant == DINO
+    levels = recorded.decoder_args[3]
+    first = recorded.decoder_args[1].sigmoid() if dino else recorded.decoder_args[1]
+    norm = model.transformer.decoder.norm if dino else torch.nn.Identity()
+    raw = recorded.layer_outputs
+    second = refine(model.bbox_embed[0](raw[0]), first)
+    assert (second - first).abs().max() > 0.05, "the boxes should move"
+    torch.testing.assert_close(recorded.layer_args[1][2], scaled_reference_points(second, levels.valid_ratios))
+    torch.testing.assert_close(boxes[0], refine(model.bbox_embed[0](norm(raw[0])), first))
+    torch.testing.assert_close(boxes[1], refine(model.bbox_embed[1](norm(raw[1])), second))
+
+
+def test_dino_looks_forward_twice():
+    model, recorded = moving_boxes_model(DINO)
+    boxes = model.predict(images_of(model))[1]
+    boxes[1].sum().backward()
+    refinement, own_prediction = recorded.head_outputs[0]  # the decoder's call on layer 0, then the heads'
+    last = boxes[1].detach()
+    torch.testing.assert_close(refinement.grad, last * (1 - last), rtol=1e-4, atol=1e-7)
+    assert own_prediction.grad is None or not own_prediction.grad.any()
+
+
+def test_deformable_detr_references_are_detached():
+    model, recorded = moving_boxes_model(DEFORMABLE)
+    boxes = model.predict(images_of(model))[1]
+    boxes[1].sum().backward()
+    refinement, own_prediction = recorded.head_outputs[0]
+    assert refinement.grad is None or not refinement.grad.any()
+    assert own_prediction.grad is None or not own_prediction.grad.any()
+    assert model.bbox_embed[1].layers[-1].weight.grad.abs().sum() > 0
