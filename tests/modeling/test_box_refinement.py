@@ -4,6 +4,8 @@ The reference fixtures cannot show it: the references initialise the last layer 
 box head to zero, so their refined boxes equal the reference points. Here the last layers
 are random. What the references define, checked on a tiny model of each:
 
+* two-stage query selection starts the decoder from the selected proposals refined by the
+  proposal box head on the normalised encoder memory;
 * a decoder layer's refined boxes are its box head on the layer's output (for DINO before
   the decoder's final norm), added to the layer's reference in inverse-sigmoid space, and
   are the next layer's reference, read detached (the sampling points it is given);
@@ -18,6 +20,7 @@ import torch
 
 from detr_d2.modeling.box_ops import inverse_sigmoid
 from detr_d2.modeling.deformable_transformer import scaled_reference_points
+from detr_d2.modeling.multi_scale.two_stage import encoder_proposals
 from tests.helpers import tiny_model
 
 DEFORMABLE = ("MODEL.META_ARCHITECTURE", "DeformableDetr", "MODEL.MULTI_SCALE.WITH_BOX_REFINE", "True",
@@ -58,7 +61,10 @@ def moving_boxes_model(variant):
     layers' own normalised outputs), recorded by a ``DecoderRecorder``."""
     model = tiny_model(*variant, *COMMON).eval()
     generator = torch.Generator().manual_seed(1)
-    randomised = [*(head.layers[-1] for head in model.bbox_embed), getattr(model.transformer.decoder, "norm", None)]
+    transformer = model.transformer
+    proposal_head = getattr(transformer, "enc_out_bbox_embed", None)
+    randomised = [*(head.layers[-1] for head in model.bbox_embed), getattr(transformer.decoder, "norm", None),
+                  proposal_head and proposal_head.layers[-1]]
     with torch.no_grad():
         for module in filter(None, randomised):
             for parameter in module.parameters():
@@ -75,6 +81,30 @@ def images_of(model):
 def refine(delta, reference):
     """The references' refinement of 4-d boxes: sigmoid(delta + logit(reference))."""
     return (delta + inverse_sigmoid(reference)).sigmoid()
+
+
+@pytest.mark.parametrize("variant", [DEFORMABLE, DINO], ids=["DeformableDetr", "Dino"])
+def test_the_decoder_starts_from_the_selected_proposals_refined_by_their_box_head(variant):
+    """DINO ranks the positions by their best class, Deformable DETR by its first class
+    output; DINO's decoder reads the anchors in inverse-sigmoid space."""
+    model, recorded = moving_boxes_model(variant)
+    with torch.no_grad():
+        model.predict(images_of(model))
+    transformer, dino = model.transformer, variant == DINO
+    memory, levels = recorded.decoder_args[2:4]
+    with torch.no_grad():
+        output_memory, proposals = encoder_proposals(memory, levels.mask, levels.level_shapes)
+        normed = transformer.enc_output_norm(transformer.enc_output(output_memory))
+        if dino:
+            scores = transformer.enc_out_class_embed(normed).max(-1)[0]
+            deltas = transformer.enc_out_bbox_embed(normed)
+        else:
+            scores = model.class_embed[-1](normed)[..., 0]
+            deltas = model.bbox_embed[-1](normed)
+    assert deltas.abs().max() > 0.05, "the proposal head should move the proposals"
+    top = scores.topk(10, dim=1)[1]
+    selected = torch.gather(deltas + proposals, 1, top[..., None].expand(-1, -1, 4))
+    torch.testing.assert_close(recorded.decoder_args[1], selected if dino else selected.sigmoid())
 
 
 @pytest.mark.parametrize("variant", [DEFORMABLE, DINO], ids=["DeformableDetr", "Dino"])
