@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time DETR's training iterations, inference or data loading on this machine.
+"""Time a model's training iterations, inference or data loading on this machine.
 
     python tools/benchmark.py --config-file CFG --task {train,eval,data} [--input-size HxW] \\
         [--iters N] [--warmup N] [--compare-plain] [--precision {both,float32,amp}] [[--opts] KEY VALUE ...]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a trained DETR on images or videos and draw its detections.
+"""Run a trained DETR, Deformable DETR or DINO on images or videos and draw its detections.
 
     python tools/demo.py --config-file CFG --input PATH [PATH ...] --output DIR \\
         [--confidence-threshold 0.5] [--batch-size 4] [--draw-scale 1] [[--opts] KEY VALUE ...]

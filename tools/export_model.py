@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a trained DETR to ONNX or TorchScript, optionally verified against PyTorch.
+"""Export a trained DETR, Deformable DETR or DINO to ONNX or TorchScript, verified on request.
 
     python tools/export_model.py --config-file CFG --format {onnx,torchscript} --output DIR \\
         [--sample-image IMG] [--verify] [--batch-size N] [--opts] MODEL.WEIGHTS W [KEY VALUE ...]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run a DETR exported to ONNX on images, with numpy, onnxruntime and Pillow only.
+"""Run a model exported to ONNX on images, with numpy, onnxruntime and Pillow only.
 
     python tools/predict_onnx.py --model-dir DIR --input PATH [PATH ...] --output OUTDIR \\
         [--confidence-threshold T] [--batch-size N]

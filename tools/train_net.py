@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or evaluate DETR with detectron2's engine.
+"""Train or evaluate DETR, Deformable DETR or DINO with detectron2's engine.
 
 Run from the repository root with detr_d2 installed (``make install``):
 

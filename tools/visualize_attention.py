@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Draw what a trained DETR attends to: decoder attention per detection, encoder self-attention.
+"""Draw what a trained model attends to, per detection and from chosen points of the image.
 
     python tools/visualize_attention.py --config-file CFG --input PATH [PATH ...] --output DIR \\
         [--confidence-threshold 0.5] [--points "x,y;x,y"] [--per-head] [--panel-size 384] \\
