@@ -61,6 +61,32 @@ def test_backbone_gets_the_multiplied_lr_and_frozen_parameters_are_left_out(mode
     assert {group["weight_decay"] for group in optimizer.param_groups} == {3e-4}
 
 
+# The references' learning rates by parameter name: Deformable DETR's main.py (lr 2e-4;
+# "backbone.0" 2e-5; "reference_points" / "sampling_offsets" 0.1x), DINO's 4-scale config
+# (param_dict_type "default": names holding "backbone" 1e-5, every other one 1e-4).
+REFERENCE_LRS = {
+    "deformable_detr_r50.yaml": lambda name: 2e-5 if name.startswith("backbone.") else (
+        2e-5 if "reference_points" in name or "sampling_offsets" in name else 2e-4),
+    "dino_r50_4scale_12ep.yaml": lambda name: 1e-5 if name.startswith("backbone.") else 1e-4,
+}
+
+
+@pytest.mark.parametrize("recipe", REFERENCE_LRS)
+def test_multi_scale_recipes_give_each_parameter_its_references_lr(recipe):
+    """The recipe's optimizer on a tiny model of its meta-architecture (the groups depend on
+    parameter names, not sizes)."""
+    cfg = build_config(str(REPO / "configs" / recipe), ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    tiny = build_model(tiny_cfg("MODEL.META_ARCHITECTURE", cfg.MODEL.META_ARCHITECTURE,
+                                "MODEL.RESNETS.OUT_FEATURES", "['res3', 'res4', 'res5']"))
+    optimizer = Trainer.build_optimizer(cfg, tiny)
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    trained = [(name, p) for name, p in tiny.named_parameters() if p.requires_grad]
+    assert any("sampling_offsets" in name for name, _ in trained)
+    for name, parameter in trained:
+        assert lr_of[id(parameter)] == pytest.approx(REFERENCE_LRS[recipe](name)), name
+
+
 def test_sgd_is_available(model):
     optimizer = Trainer.build_optimizer(tiny_cfg("SOLVER.OPTIMIZER", "SGD", "SOLVER.MOMENTUM", 0.8),
                                         model)
