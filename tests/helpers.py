@@ -248,6 +248,14 @@ def tiny_model(*opts):
     return build_model(tiny_cfg(*opts))
 
 
+def padded_image_batch(model):
+    """ImageList of two seeded random uint8 images of different sizes (128x96, 112x128),
+    normalised and padded by ``model.preprocess_image``."""
+    torch.manual_seed(3)
+    return model.preprocess_image([{"image": torch.randint(0, 255, (3, 128, 96), dtype=torch.uint8)},
+                                   {"image": torch.randint(0, 255, (3, 112, 128), dtype=torch.uint8)}])
+
+
 def save_weights(model, path):
     """Write ``{"model": state_dict}`` of ``model`` to ``path``, as a trained run would."""
     torch.save({"model": model.state_dict()}, path)

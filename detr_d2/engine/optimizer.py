@@ -5,8 +5,8 @@ Parameter groups (the reference DETR's): every trainable parameter whose name st
 ``SOLVER.BASE_LR``; all get ``SOLVER.WEIGHT_DECAY``. The multi-scale DETRs' (Deformable
 DETR's, DINO's) sampling-offset and reference-point projections (names containing
 "sampling_offsets" or "reference_points") get ``SOLVER.BASE_LR *
-MODEL.MULTI_SCALE.LINEAR_PROJ_LR_MULTIPLIER``: 0.1 in Deformable DETR's recipe, 1.0 in
-DINO's (its reference trains them at the base LR), as in their references. Frozen parameters
+MODEL.MULTI_SCALE.LINEAR_PROJ_LR_MULTIPLIER``, as in their references: 0.1 in Deformable
+DETR's recipe, 1.0 in DINO's. Frozen parameters
 (``requires_grad=False``, e.g. the ResNet stem and res2) are left out.
 
 Clipping (``SOLVER.CLIP_GRADIENTS``, when ENABLED), applied at each ``step()`` before the

@@ -65,8 +65,8 @@ def test_backbone_gets_the_multiplied_lr_and_frozen_parameters_are_left_out(mode
 # "backbone.0" 2e-5; "reference_points" / "sampling_offsets" 0.1x), DINO's 4-scale config
 # (param_dict_type "default": names holding "backbone" 1e-5, every other one 1e-4).
 REFERENCE_LRS = {
-    "deformable_detr_r50.yaml": lambda name: 2e-5 if name.startswith("backbone.") else (
-        2e-5 if "reference_points" in name or "sampling_offsets" in name else 2e-4),
+    "deformable_detr_r50.yaml": lambda name: 2e-5 if name.startswith("backbone.") or "reference_points" in name
+    or "sampling_offsets" in name else 2e-4,
     "dino_r50_4scale_12ep.yaml": lambda name: 1e-5 if name.startswith("backbone.") else 1e-4,
 }
 

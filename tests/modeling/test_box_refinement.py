@@ -21,7 +21,7 @@ import torch
 from detr_d2.modeling.box_ops import inverse_sigmoid
 from detr_d2.modeling.deformable_transformer import scaled_reference_points
 from detr_d2.modeling.multi_scale.two_stage import encoder_proposals
-from tests.helpers import tiny_model
+from tests.helpers import padded_image_batch, tiny_model
 
 DEFORMABLE = ("MODEL.META_ARCHITECTURE", "DeformableDetr", "MODEL.MULTI_SCALE.WITH_BOX_REFINE", "True",
               "MODEL.MULTI_SCALE.TWO_STAGE", "True")
@@ -72,12 +72,6 @@ def moving_boxes_model(variant):
     return model, DecoderRecorder(model)
 
 
-def images_of(model):
-    torch.manual_seed(3)
-    return model.preprocess_image([{"image": torch.randint(0, 255, (3, 128, 96), dtype=torch.uint8)},
-                                   {"image": torch.randint(0, 255, (3, 112, 128), dtype=torch.uint8)}])
-
-
 def refine(delta, reference):
     """The references' refinement of 4-d boxes: sigmoid(delta + logit(reference))."""
     return (delta + inverse_sigmoid(reference)).sigmoid()
@@ -89,7 +83,7 @@ def test_the_decoder_starts_from_the_selected_proposals_refined_by_their_box_hea
     output; DINO's decoder reads the anchors in inverse-sigmoid space."""
     model, recorded = moving_boxes_model(variant)
     with torch.no_grad():
-        model.predict(images_of(model))
+        model.predict(padded_image_batch(model))
     transformer, dino = model.transformer, variant == DINO
     memory, levels = recorded.decoder_args[2:4]
     with torch.no_grad():
@@ -111,7 +105,7 @@ def test_the_decoder_starts_from_the_selected_proposals_refined_by_their_box_hea
 def test_each_layer_refines_its_reference_and_hands_the_result_on(variant):
     model, recorded = moving_boxes_model(variant)
     with torch.no_grad():
-        boxes = model.predict(images_of(model))[1]
+        boxes = model.predict(padded_image_batch(model))[1]
     dino = variant == DINO
     levels = recorded.decoder_args[3]
     first = recorded.decoder_args[1].sigmoid() if dino else recorded.decoder_args[1]
@@ -126,7 +120,7 @@ def test_each_layer_refines_its_reference_and_hands_the_result_on(variant):
 
 def test_dino_looks_forward_twice():
     model, recorded = moving_boxes_model(DINO)
-    boxes = model.predict(images_of(model))[1]
+    boxes = model.predict(padded_image_batch(model))[1]
     boxes[1].sum().backward()
     refinement, own_prediction = recorded.head_outputs[0]  # the decoder's call on layer 0, then the heads'
     last = boxes[1].detach()
@@ -136,7 +130,7 @@ def test_dino_looks_forward_twice():
 
 def test_deformable_detr_references_are_detached():
     model, recorded = moving_boxes_model(DEFORMABLE)
-    boxes = model.predict(images_of(model))[1]
+    boxes = model.predict(padded_image_batch(model))[1]
     boxes[1].sum().backward()
     refinement, own_prediction = recorded.head_outputs[0]
     assert refinement.grad is None or not refinement.grad.any()

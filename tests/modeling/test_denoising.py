@@ -7,7 +7,7 @@ from torchvision.ops import box_convert
 
 from detr_d2.modeling.multi_scale.denoising import (denoising_attention_mask, make_denoising_queries,
                                                     number_of_groups, positive_query_indices)
-from tests.helpers import tiny_model
+from tests.helpers import padded_image_batch, tiny_model
 
 NUM_CLASSES = 7
 NUM_QUERIES = 5  # of the attention masks built here
@@ -119,15 +119,8 @@ def dino():
     return model.eval()
 
 
-def images_of(model):
-    torch.manual_seed(3)
-    batch = [{"image": torch.randint(0, 255, (3, 128, 96), dtype=torch.uint8)},
-             {"image": torch.randint(0, 255, (3, 112, 128), dtype=torch.uint8)}]
-    return model.preprocess_image(batch)
-
-
 def test_matching_queries_do_not_see_denoising_queries(dino):
-    images = images_of(dino)
+    images = padded_image_batch(dino)
     targets = targets_of([3, 2])
     with torch.no_grad():
         logits, boxes, extras = dino.predict(images)
@@ -140,7 +133,7 @@ def test_matching_queries_do_not_see_denoising_queries(dino):
 
 
 def test_inference_runs_the_matching_queries_alone(dino):
-    images = images_of(dino)
+    images = padded_image_batch(dino)
     with torch.no_grad():
         logits, _, _ = dino.predict(images)
         results = dino([{"image": torch.randint(0, 255, (3, 128, 96), dtype=torch.uint8)}])
